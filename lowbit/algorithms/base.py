@@ -1,0 +1,45 @@
+"""The contract of a quantization method: one layer in, codes (and folded updates) out."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import LowbitError
+from ..formats import Format, QuantizedTensor
+
+
+@dataclass
+class LayerResult:
+    """What a method decided for one layer: plain data, applied and exported elsewhere.
+
+    quantized: linear name -> codes + grid parameters (in the space the method left it in).
+    updates: other parameters replaced by the method (e.g. a norm weight with AWQ scales folded).
+    stats: per-layer figures for the log (flips used, chosen alpha, loss before/after, ...).
+    """
+
+    quantized: dict[str, QuantizedTensor]
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """A quantization algorithm. Subclasses declare `name`, `options` (defaults) and whether
+    they need calibration activations, and register in ``algorithms/__init__``."""
+
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any):
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise LowbitError(f"method {self.name!r} has no option(s) {', '.join(sorted(unknown))}; "
+                              f"it accepts: {', '.join(sorted(self.defaults)) or 'none'}")
+        self.options = {**self.defaults, **options}
+
+    @abstractmethod
+    def quantize_layer(self, layer, fmt: Format) -> LayerResult:
+        """Quantize every linear in `layer` (a model.layer.LayerData) onto `fmt`'s grid."""

@@ -1,0 +1,113 @@
+"""The command line: the only place that reads argv and the environment."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import LowbitError
+
+
+def _method_flags(p: argparse.ArgumentParser) -> None:
+    """Every option of every registered method becomes a flag (default: the method's own)."""
+    from .algorithms import METHODS
+    seen: dict[str, object] = {}
+    for cls in METHODS.values():
+        for key, default in cls.defaults.items():
+            if key in seen:
+                continue
+            seen[key] = default
+            flag = "--" + key.replace("_", "-")
+            if isinstance(default, bool):
+                p.add_argument(flag, dest=f"opt_{key}", action=argparse.BooleanOptionalAction, default=None)
+            else:
+                p.add_argument(flag, dest=f"opt_{key}", type=type(default) if default is not None else str,
+                               default=None, help=f"{cls.name} option (default {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="fetch a real model into ~/.cache/lowbit/models")
+    f.add_argument("name")
+
+    q = sub.add_parser("quantize", help="quantize a model layer by layer")
+    q.add_argument("--model-path", required=True, help="checkpoint dir, .gguf file or hub id")
+    q.add_argument("--output-dir", required=True)
+    q.add_argument("--method", default="rtn")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
+    q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    q.add_argument("--weight-format", default="int", help="number format of the grid")
+    q.add_argument("--format", dest="export_format", default="compressed-tensors",
+                   help="output: compressed-tensors (default) or fake (dequantized weights)")
+    q.add_argument("--calib-dataset", default="default")
+    q.add_argument("--n-calib", type=int, default=128)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    q.add_argument("--layer-batch-size", type=int, default=16)
+    q.add_argument("--lmhead-chunks", type=int, default=4)
+    q.add_argument("--quantize-lm-head", action="store_true")
+    q.add_argument("--layers", default=None, help="only these decoder layers, e.g. 0-1,5")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--resume", action="store_true")
+    _method_flags(q)
+
+    e = sub.add_parser("eval", help="KLD, perplexity and top-1 against the base model")
+    e.add_argument("--model-path", required=True)
+    e.add_argument("--base", required=True)
+    e.add_argument("--text", default="moby-dick", help="held-out text: file, embedded name or hub dataset")
+    e.add_argument("--ctx", type=int, default=512)
+    e.add_argument("--n-windows", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = not args.quiet
+    if args.command == "fetch":
+        from .fetch import fetch
+        print(fetch(args.name, progress=progress))
+    elif args.command == "quantize":
+        from .api import quantize
+        options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+        out = quantize(args.model_path, args.output_dir, method=args.method, bits=args.bits,
+                       group_size=args.group_size, sym=args.sym, fmt=args.weight_format,
+                       export_format=args.export_format, calib_dataset=args.calib_dataset, n_calib=args.n_calib,
+                       seq_len=args.seq_len, seed=args.seed, device=args.device, dtype=args.dtype,
+                       layer_batch_size=args.layer_batch_size, lmhead_chunks=args.lmhead_chunks,
+                       quantize_lm_head=args.quantize_lm_head, layers=args.layers, overwrite=args.overwrite,
+                       resume=args.resume, progress=progress, **options)
+        print(out)
+    elif args.command == "eval":
+        from .eval import evaluate, format_table
+        res = evaluate(args.model_path, args.base, text=args.text, ctx=args.ctx, n_windows=args.n_windows,
+                       device=args.device, progress=progress)
+        print(json.dumps(res.to_json(), indent=2) if args.json else format_table([res]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; finished layers are kept in <output-dir>.partial, "
+              "rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

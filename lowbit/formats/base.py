@@ -1,0 +1,101 @@
+"""The contract every weight format fulfils.
+
+A format is a grid that algorithms (RTN, AWQ, GPTQ) quantize onto, plus the exact inverse.
+Pure tensor math: no modules, no files.
+
+Names: ``W`` float weights [out, in]; ``W_q`` integer codes [out, in]; ``W_r`` reconstruction.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LowbitError
+
+
+@dataclass
+class QParams:
+    """Per-group grid parameters.
+
+    Shapes: scale [out, n_groups]; zero [out, n_groups] (integer-valued, in code units).
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def select(self, rows: slice | torch.Tensor) -> "QParams":
+        return QParams(self.scale[rows], self.zero[rows])
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes plus the grid parameters that decode them (one linear's weight)."""
+
+    W_q: torch.Tensor
+    qparams: QParams
+    format: "Format"
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        W_r = self.format.dequantize(self.W_q, self.qparams)
+        return W_r if dtype is None else W_r.to(dtype)
+
+
+class Format(ABC):
+    """A grouped weight grid. Subclasses set ``name`` and register in ``formats/__init__``."""
+
+    name: str = ""
+    group_size: int
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups along a row of `in_features`; refuses sizes that do not divide."""
+        gs = self.group_length(in_features)
+        if in_features % gs:
+            raise LowbitError(
+                f"group size {gs} does not divide in_features {in_features}; "
+                f"use a --group-size that divides it (e.g. {_divisor_hint(in_features)}) or 0 for per-channel"
+            )
+        return in_features // gs
+
+    def group_length(self, in_features: int) -> int:
+        return in_features if self.group_size == 0 else self.group_size
+
+    def grouped(self, W: torch.Tensor) -> torch.Tensor:
+        """W [out, in] -> [out, n_groups, group_size]."""
+        out, inp = W.shape
+        return W.reshape(out, self.groups(inp), self.group_length(inp))
+
+    @abstractmethod
+    def fit(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> QParams:
+        """Grid parameters for W [out, in]; `clip` (scalar or [out, n_groups]) shrinks the range."""
+
+    @abstractmethod
+    def quantize(self, W: torch.Tensor, qparams: QParams) -> torch.Tensor:
+        """W [out, in] -> codes W_q [out, in] on the grid `qparams` describes."""
+
+    @abstractmethod
+    def dequantize(self, W_q: torch.Tensor, qparams: QParams) -> torch.Tensor:
+        """Codes W_q [out, in] -> W_r [out, in] (float32)."""
+
+    @abstractmethod
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage cost per weight, metadata (scales, zeros) included."""
+
+    def encode(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> QuantizedTensor:
+        qp = self.fit(W, clip)
+        return QuantizedTensor(self.quantize(W, qp), qp, self)
+
+    def fake_quantize(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> torch.Tensor:
+        """W -> W_r: round-trip through the grid (what the deployed model will compute with)."""
+        return self.encode(W, clip).dequantize()
+
+
+def expand_groups(t: torch.Tensor, group_len: int) -> torch.Tensor:
+    """[out, n_groups] -> [out, n_groups * group_len], each group value repeated over its columns."""
+    return t.repeat_interleave(group_len, dim=1)
+
+
+def _divisor_hint(n: int) -> str:
+    cands = [g for g in (128, 64, 32, 16) if n % g == 0]
+    return " or ".join(str(g) for g in cands[:2]) if cands else "0"

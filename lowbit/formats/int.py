@@ -1,0 +1,74 @@
+"""Integer grids: INT2–INT8, asymmetric (min-max, zero point) or symmetric, per group or per channel.
+
+Codes are unsigned, ``W_q ∈ [0, 2^bits − 1]``, and ``W_r = (W_q − zero) · scale``. Symmetric grids
+have ``zero = 2^(bits−1)`` and ``scale = absmax / ((2^bits − 1) / 2)``, the convention that
+compressed-tensors, GPTQ and AutoAWQ share, so codes export to all of them unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Format, QParams, expand_groups
+
+_EPS = 1e-8
+
+
+class IntFormat(Format):
+    name = "int"
+
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False,
+                 scale_dtype: torch.dtype = torch.float32):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"int format supports 2..8 bits, got {bits}")
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        # Scales are stored in this dtype; rounding them here keeps fake-quant equal to the runtime.
+        self.scale_dtype = scale_dtype
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def fit(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> QParams:
+        """Shapes: W [out, in], clip scalar or [out, n_groups] -> QParams [out, n_groups]."""
+        G = self.grouped(W.float())
+        wmax = G.amax(dim=-1)
+        wmin = G.amin(dim=-1)
+        if clip is not None:
+            wmax = wmax * clip
+            wmin = wmin * clip
+        return self.params_from_range(wmin, wmax)
+
+    def params_from_range(self, wmin: torch.Tensor, wmax: torch.Tensor) -> QParams:
+        """Grid parameters covering [wmin, wmax] per group (shapes [out, n_groups])."""
+        if self.sym:
+            absmax = torch.maximum(wmax.abs(), wmin.abs())
+            scale = self._stored(absmax / (self.qmax / 2))
+            zero = torch.full_like(scale, float(1 << (self.bits - 1)))
+        else:
+            wmax = wmax.clamp(min=0)
+            wmin = wmin.clamp(max=0)
+            scale = self._stored((wmax - wmin) / self.qmax)
+            zero = torch.round(-wmin / scale).clamp(0, self.qmax)
+        return QParams(scale, zero)
+
+    def _stored(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.to(self.scale_dtype).float().clamp(min=_EPS)
+
+    def quantize(self, W: torch.Tensor, qparams: QParams) -> torch.Tensor:
+        gl = self.group_length(W.shape[1])
+        s = expand_groups(qparams.scale, gl)
+        z = expand_groups(qparams.zero, gl)
+        return torch.clamp(torch.round(W.float() / s) + z, 0, self.qmax).to(torch.uint8)
+
+    def dequantize(self, W_q: torch.Tensor, qparams: QParams) -> torch.Tensor:
+        gl = self.group_length(W_q.shape[1])
+        s = expand_groups(qparams.scale.float(), gl)
+        z = expand_groups(qparams.zero.float(), gl)
+        return (W_q.float() - z) * s
+
+    def bits_per_weight(self, in_features: int) -> float:
+        gl = self.group_length(in_features)
+        meta = 16 + (0 if self.sym else self.bits)
+        return self.bits + meta / gl

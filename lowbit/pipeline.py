@@ -1,0 +1,282 @@
+"""quantize: stream a model layer by layer through a method, then export atomically.
+
+Layer i sees the calibration activations produced by the already-quantized layers before it.
+Every finished layer is saved to ``<output>.partial/layers`` so a killed run resumes; the
+output directory appears only when everything is written.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .algorithms import Method, make_method
+from .data import calibration_ids, load_text
+from .errors import LowbitError
+from .export import ExportContext, get_exporter
+from .formats import Format, QParams, QuantizedTensor, make_format
+from .model.layer import LayerData
+from .model.source import copy_aux_files, model_size_bytes, resolve_model_dir
+from .model.stream import Batch, StreamedModel
+from .paths import disk_full_as_error, publish_dir
+from .plan import Plan, load_layer, save_layer
+from .provenance import checksums, peak_memory, versions
+from .spec import QuantizeConfig
+
+log = logging.getLogger(__name__)
+
+
+def quantize(cfg: QuantizeConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
+    """Quantize `cfg.model_path` into `cfg.output_dir`; returns the output directory."""
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir).expanduser()
+    partial = out.with_name(out.name + ".partial")
+    model_dir = resolve_model_dir(cfg.model_path)
+    _check_output(out, partial, cfg, overwrite, resume)
+    get_exporter(cfg.export_format)  # fail on a bad name before any work
+
+    device = _device(cfg.device)
+    model = StreamedModel(model_dir, device=device, dtype=_compute_dtype(cfg.dtype, device, model_dir))
+    source_dtype = _source_dtype(model)
+    fmt = make_format(cfg.scheme, scale_dtype=source_dtype)
+    method = make_method(cfg.method, cfg.options())
+    layer_ids = _layer_selection(cfg.layers, model.num_layers)
+    _check_shapes(model, fmt, layer_ids, cfg.quantize_lm_head)
+    _check_disk(model_dir, out)
+
+    layers_dir = partial / "layers"
+    layers_dir.mkdir(parents=True, exist_ok=True)
+    (partial / "recipe.json").write_text(json.dumps(cfg.recipe(), indent=2, default=str))
+
+    timings: dict[str, float] = {}
+    with disk_full_as_error(partial), torch.inference_mode():
+        t = time.perf_counter()
+        batches, calib_info = _calibration_batches(model, method, cfg)
+        timings["calibration_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        _quantize_layers(model, method, fmt, batches, layer_ids, layers_dir, cfg, progress)
+        if cfg.quantize_lm_head:
+            _quantize_lm_head(model, method, fmt, batches, layers_dir, cfg)
+        timings["quantize_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        export_dir = partial / "export"
+        shutil.rmtree(export_dir, ignore_errors=True)
+        export_dir.mkdir()
+        ctx = ExportContext(store=model.store, config=copy.deepcopy(model.config), family=model.family,
+                            plan=Plan(layers_dir, fmt), fmt=fmt, dtype=source_dtype)
+        get_exporter(cfg.export_format)(ctx, export_dir)
+        copy_aux_files(model_dir, export_dir)
+        timings["export_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t0
+
+        meta = {
+            "lowbit_version": __version__,
+            "recipe": cfg.recipe(),
+            "source": {"path": str(cfg.model_path), "resolved": str(model_dir),
+                       "bytes": model_size_bytes(model_dir)},
+            "calibration": calib_info,
+            "device": str(device),
+            "versions": versions(),
+            "seed": cfg.calib.seed,
+            "timings": timings,
+            "peak_memory": peak_memory(device),
+            "layer_stats": ctx.plan.stats,
+            "checksums": checksums(export_dir),
+        }
+        (export_dir / "lowbit.json").write_text(json.dumps(meta, indent=2, default=str))
+    publish_dir(export_dir, out)
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("wrote %s in %.1fs", out, timings["total_s"])
+    return out
+
+
+# -- checks ------------------------------------------------------------------------------------
+def _check_output(out: Path, partial: Path, cfg: QuantizeConfig, overwrite: bool, resume: bool) -> None:
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output dir {out} already exists; pass --overwrite to replace it")
+    if resume:
+        recipe = partial / "recipe.json"
+        if not recipe.is_file():
+            raise LowbitError(f"nothing to resume: {partial} does not exist; run without --resume")
+        saved = json.loads(recipe.read_text())
+        now = json.loads(json.dumps(cfg.recipe(), default=str))
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise LowbitError(f"cannot resume {partial}: the recipe differs in {', '.join(diff)}; "
+                              "rerun with the same options or without --resume")
+    elif partial.exists():
+        log.warning("removing an unfinished earlier run in %s (use --resume to continue it)", partial)
+        shutil.rmtree(partial)
+
+
+def _device(name: str) -> torch.device:
+    d = torch.device(name)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    return d
+
+
+def _source_dtype(model: StreamedModel) -> torch.dtype:
+    first_linear = f"{model.layer_path(0)}.{model.linear_names(0)[0]}.weight"
+    return model.store.dtype(model.source_name(*first_linear.rsplit(".", 1)))
+
+
+def _compute_dtype(name: str, device: torch.device, model_dir: Path) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    from transformers import AutoConfig
+    return getattr(AutoConfig.from_pretrained(model_dir), "dtype", None) or torch.float16
+
+
+def _layer_selection(spec: str | None, n: int) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7]; None -> all layers."""
+    if not spec:
+        return list(range(n))
+    ids: set[int] = set()
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            ids.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        raise LowbitError(f"--layers {spec!r} is not a list of ranges like '0-1,5'") from None
+    if not ids or max(ids) >= n or min(ids) < 0:
+        raise LowbitError(f"--layers {spec!r} is out of range; the model has layers 0-{n - 1}")
+    return sorted(ids)
+
+
+def _check_shapes(model: StreamedModel, fmt: Format, layer_ids: list[int], lm_head: bool) -> None:
+    paths = [f"{model.layer_path(i)}.{n}" for i in layer_ids for n in model.linear_names(i)]
+    if lm_head:
+        paths.append(model.family.lm_head)
+    for path in paths:
+        shape = model.weight_shape(path)
+        try:
+            fmt.groups(shape[1])
+        except LowbitError as e:
+            raise LowbitError(f"{path}: {e}") from None
+
+
+def _check_disk(model_dir: Path, out: Path) -> None:
+    parent = out.parent if out.parent.exists() else Path.cwd()
+    need = model_size_bytes(model_dir) // 2  # generous bound for a ≥4x smaller output plus the plan
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise LowbitError(f"not enough disk space in {parent}: {free / 2**30:.1f} GiB free, about "
+                          f"{need / 2**30:.1f} GiB needed; free space or choose another --output-dir")
+
+
+# -- stages ------------------------------------------------------------------------------------
+def _calibration_batches(model: StreamedModel, method: Method, cfg: QuantizeConfig) -> tuple[list[Batch], dict]:
+    if not method.needs_calibration:
+        return [], {"used": False}
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model.dir)
+    src = load_text(cfg.calib.dataset, split="calibration")
+    ids = calibration_ids(tok, src, cfg.calib.n_samples, cfg.calib.seq_len, cfg.calib.seed)
+    batches = [model.embed(chunk) for chunk in ids.split(cfg.calib.batch_size)]
+    model.release(model.family.embed)
+    info = {"used": True, "source": src.name, "sha256": src.sha256, "n_samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]), "seed": cfg.calib.seed}
+    return batches, info
+
+
+def _quantize_layers(model: StreamedModel, method: Method, fmt: Format, batches: list[Batch],
+                     layer_ids: list[int], layers_dir: Path, cfg: QuantizeConfig, progress: bool) -> None:
+    """Quantize the selected layers in order, `layer_batch_size` layers resident at a time.
+
+    Calibration activations are pushed through every layer up to the last one that needs them
+    (through all layers when lm_head is quantized with activations).
+    """
+    selected = set(layer_ids)
+    stop = model.num_layers if (cfg.quantize_lm_head and batches) else max(layer_ids) + 1
+    bar = tqdm(total=len(layer_ids), desc=f"{cfg.method} layers", unit="layer", disable=not progress)
+    for chunk_start in range(0, stop, cfg.layer_batch_size):
+        chunk = range(chunk_start, min(chunk_start + cfg.layer_batch_size, stop))
+        for i in chunk:
+            model.materialize(model.layer_path(i))
+        for i in chunk:
+            if i in selected:
+                _quantize_one_layer(model, method, fmt, batches, i, layers_dir)
+                bar.update(1)
+            if batches and (i + 1 < stop or cfg.quantize_lm_head):
+                for b in batches:
+                    b.hidden = _checked(model.run_layer(i, b), f"layer {i} output")
+            model.release(model.layer_path(i))
+    bar.close()
+
+
+def _quantize_one_layer(model: StreamedModel, method: Method, fmt: Format, batches: list[Batch], i: int,
+                        layers_dir: Path) -> None:
+    path = model.layer_path(i)
+    module = model.layers[i]
+    plan_file = layers_dir / f"{i:05d}.safetensors"
+    if plan_file.is_file():
+        quantized, updates = load_layer(plan_file, fmt)
+        log.info("layer %d: resumed from %s", i, plan_file.name)
+    else:
+        names = model.linear_names(i)
+        data = LayerData(i, module, model.family, batches, names, run=lambda b, i=i: model.run_layer(i, b))
+        for n, W in data.weights.items():
+            _checked(W, f"{path}.{n}.weight")
+        result = method.quantize_layer(data, fmt)
+        quantized = {f"{path}.{n}": qt for n, qt in result.quantized.items()}
+        updates = {f"{path}.{n}": t for n, t in result.updates.items()}
+        save_layer(plan_file, quantized, updates, result.stats)
+        if result.stats:
+            log.info("layer %d: %s", i, result.stats)
+    _apply(model, quantized, updates)
+
+
+def _quantize_lm_head(model: StreamedModel, method: Method, fmt: Format, batches: list[Batch],
+                      layers_dir: Path, cfg: QuantizeConfig) -> None:
+    """lm_head in `lmhead_chunks` row chunks, so only one chunk's work is in memory at once.
+
+    `batches` hold the last decoder layer's outputs; the final norm turns them into lm_head inputs.
+    """
+    plan_file = layers_dir / "lm_head.safetensors"
+    if plan_file.is_file():
+        return
+    name = model.family.lm_head
+    W = _checked(model.materialize(name).weight.detach(), f"{name}.weight")
+    norm = model.materialize(model.family.final_norm)
+    pieces = []
+    for rows in torch.arange(W.shape[0]).chunk(max(1, cfg.lmhead_chunks)):
+        chunk = torch.nn.Linear(W.shape[1], len(rows), bias=False, device=W.device, dtype=W.dtype)
+        chunk.weight.data = W[rows]
+        data = LayerData("lm_head", chunk, model.family, batches, [""],
+                         run=lambda b, m=chunk: m(norm(b.hidden)))
+        pieces.append(method.quantize_layer(data, fmt).quantized[""])
+    qt = QuantizedTensor(torch.cat([p.W_q for p in pieces]),
+                         QParams(torch.cat([p.qparams.scale for p in pieces]),
+                                 torch.cat([p.qparams.zero for p in pieces])), fmt)
+    save_layer(plan_file, {name: qt}, {}, {"chunks": len(pieces)})
+    model.release(name)
+    model.release(model.family.final_norm)
+
+
+def _apply(model: StreamedModel, quantized: dict, updates: dict) -> None:
+    """Put the reconstructed weights (and updated params) into the live layer."""
+    for path, qt in quantized.items():
+        lin = model.skeleton.get_submodule(path)
+        lin.weight.data = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+    for name, t in updates.items():
+        p = model.skeleton.get_parameter(name)
+        p.data = t.to(device=p.device, dtype=p.dtype)
+
+
+def _checked(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise LowbitError(f"{what} contains NaN or Inf; the input model is corrupt or overflows in this dtype "
+                          "(try --dtype float32)")
+    return t
