@@ -71,12 +71,27 @@ class Format(ABC):
         """Grid parameters for W [out, in]; `clip` (scalar or [out, n_groups]) shrinks the range."""
 
     @abstractmethod
-    def quantize(self, W: torch.Tensor, qparams: QParams) -> torch.Tensor:
-        """W [out, in] -> codes W_q [out, in] on the grid `qparams` describes."""
+    def quantize_elementwise(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes for W on the grid given by `scale`, `zero` (both broadcastable to W).
+
+        This is the grid GPTQ rounds onto one column at a time, and AWQ/RTN a whole tensor at once.
+        """
 
     @abstractmethod
+    def dequantize_elementwise(self, W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of `quantize_elementwise` on the grid points (float32)."""
+
+    def quantize(self, W: torch.Tensor, qparams: QParams) -> torch.Tensor:
+        """W [out, in] -> codes W_q [out, in] on the grid `qparams` describes."""
+        gl = self.group_length(W.shape[1])
+        return self.quantize_elementwise(W.float(), expand_groups(qparams.scale, gl),
+                                         expand_groups(qparams.zero, gl))
+
     def dequantize(self, W_q: torch.Tensor, qparams: QParams) -> torch.Tensor:
         """Codes W_q [out, in] -> W_r [out, in] (float32)."""
+        gl = self.group_length(W_q.shape[1])
+        return self.dequantize_elementwise(W_q, expand_groups(qparams.scale.float(), gl),
+                                           expand_groups(qparams.zero.float(), gl))
 
     @abstractmethod
     def bits_per_weight(self, in_features: int) -> float:

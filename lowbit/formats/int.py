@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, QParams, expand_groups
+from .base import Format, QParams
 
 _EPS = 1e-8
 
@@ -56,17 +56,11 @@ class IntFormat(Format):
     def _stored(self, scale: torch.Tensor) -> torch.Tensor:
         return scale.to(self.scale_dtype).float().clamp(min=_EPS)
 
-    def quantize(self, W: torch.Tensor, qparams: QParams) -> torch.Tensor:
-        gl = self.group_length(W.shape[1])
-        s = expand_groups(qparams.scale, gl)
-        z = expand_groups(qparams.zero, gl)
-        return torch.clamp(torch.round(W.float() / s) + z, 0, self.qmax).to(torch.uint8)
+    def quantize_elementwise(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(W / scale) + zero, 0, self.qmax).to(torch.uint8)
 
-    def dequantize(self, W_q: torch.Tensor, qparams: QParams) -> torch.Tensor:
-        gl = self.group_length(W_q.shape[1])
-        s = expand_groups(qparams.scale.float(), gl)
-        z = expand_groups(qparams.zero.float(), gl)
-        return (W_q.float() - z) * s
+    def dequantize_elementwise(self, W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (W_q.float() - zero) * scale
 
     def bits_per_weight(self, in_features: int) -> float:
         gl = self.group_length(in_features)

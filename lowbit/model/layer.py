@@ -47,6 +47,7 @@ class LayerData:
             n: module.get_submodule(n).weight.detach().float().clone() for n in linear_names
         }
         self._inputs: dict[str, torch.Tensor] = {}
+        self._block_inputs: dict[str, list[tuple[tuple, dict]]] = {}
 
     @property
     def has_calibration(self) -> bool:
@@ -64,6 +65,67 @@ class LayerData:
             for n in missing:
                 self._inputs[n] = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in sink[n]])
         return {n: self._inputs[n] for n in names}
+
+    @torch.no_grad()
+    def accumulate(self, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Stream calibration inputs of the named linears to `fn(name, X [tokens, in])` without storing them.
+
+        Linears that share one input tensor (q, k, v) are reported once, under the first name.
+        """
+        def make_hook(n):
+            def hook(_m, args):
+                x = args[0]
+                if id(x) in seen:
+                    return
+                seen.add(id(x))
+                fn(n, x.reshape(-1, x.shape[-1]).float())
+            return hook
+
+        handles = [self.module.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+        try:
+            for b in self.batches:
+                seen: set[int] = set()
+                self.run(b)
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def block_inputs(self, block: str) -> list[tuple[tuple, dict]]:
+        """The (args, kwargs) module `block` receives for each calibration batch, cached."""
+        if block not in self._block_inputs:
+            calls: list[tuple[tuple, dict]] = []
+            h = self.module.get_submodule(block).register_forward_pre_hook(
+                lambda _m, args, kwargs: calls.append((args, dict(kwargs))), with_kwargs=True)
+            try:
+                for b in self.batches:
+                    self.run(b)
+            finally:
+                h.remove()
+            self._block_inputs[block] = calls
+        return self._block_inputs[block]
+
+    @torch.no_grad()
+    def run_block(self, block: str, weights: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Outputs of module `block` on its calibration inputs, with some linears' weights replaced.
+
+        `weights` maps linear names (relative to the layer) to W [out, in]; originals are restored.
+        """
+        module = self.module.get_submodule(block)
+        saved = {}
+        try:
+            for n, W in (weights or {}).items():
+                lin = self.module.get_submodule(n)
+                saved[n] = lin.weight.data
+                lin.weight.data = W.to(device=saved[n].device, dtype=saved[n].dtype)
+            outs = []
+            for args, kwargs in self.block_inputs(block):
+                y = module(*args, **kwargs)
+                outs.append((y[0] if isinstance(y, tuple) else y).float())
+            return outs
+        finally:
+            for n, W in saved.items():
+                self.module.get_submodule(n).weight.data = W
 
     def param(self, name: str) -> torch.Tensor:
         """A non-linear parameter of the layer (e.g. a norm weight), float32 copy."""
