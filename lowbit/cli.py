@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Callable
 
 from .errors import LowbitError
 
@@ -26,15 +27,18 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
                                default=None, help=f"{cls.name} option (default {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def _add_fetch(sub) -> None:
     f = sub.add_parser("fetch", help="fetch a real model into ~/.cache/lowbit/models")
     f.add_argument("name")
+    f.set_defaults(handler=_run_fetch)
 
+
+def _run_fetch(args) -> None:
+    from .fetch import fetch
+    print(fetch(args.name, progress=not args.quiet))
+
+
+def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model layer by layer")
     q.add_argument("--model-path", required=True, help="checkpoint dir, .gguf file or hub id")
     q.add_argument("--output-dir", required=True)
@@ -58,7 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--resume", action="store_true")
     _method_flags(q)
+    q.set_defaults(handler=_run_quantize)
 
+
+def _run_quantize(args) -> None:
+    from .api import quantize
+    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    out = quantize(args.model_path, args.output_dir, method=args.method, bits=args.bits,
+                   group_size=args.group_size, sym=args.sym, fmt=args.weight_format,
+                   export_format=args.export_format, calib_dataset=args.calib_dataset, n_calib=args.n_calib,
+                   seq_len=args.seq_len, seed=args.seed, device=args.device, dtype=args.dtype,
+                   layer_batch_size=args.layer_batch_size, lmhead_chunks=args.lmhead_chunks,
+                   quantize_lm_head=args.quantize_lm_head, layers=args.layers, overwrite=args.overwrite,
+                   resume=args.resume, progress=not args.quiet, **options)
+    print(out)
+
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="KLD, perplexity and top-1 against the base model")
     e.add_argument("--model-path", required=True)
     e.add_argument("--base", required=True)
@@ -67,31 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-windows", type=int, default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
+    e.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> None:
+    from .eval import evaluate, format_table
+    res = evaluate(args.model_path, args.base, text=args.text, ctx=args.ctx, n_windows=args.n_windows,
+                   device=args.device, progress=not args.quiet)
+    print(json.dumps(res.to_json(), indent=2) if args.json else format_table([res]))
+
+
+# A new command is a function `register(subparsers)` that sets `handler`; list it here.
+COMMANDS: list[Callable] = [_add_fetch, _add_quantize, _add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for register in COMMANDS:
+        register(sub)
     return ap
-
-
-def run(args: argparse.Namespace) -> int:
-    progress = not args.quiet
-    if args.command == "fetch":
-        from .fetch import fetch
-        print(fetch(args.name, progress=progress))
-    elif args.command == "quantize":
-        from .api import quantize
-        options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-        out = quantize(args.model_path, args.output_dir, method=args.method, bits=args.bits,
-                       group_size=args.group_size, sym=args.sym, fmt=args.weight_format,
-                       export_format=args.export_format, calib_dataset=args.calib_dataset, n_calib=args.n_calib,
-                       seq_len=args.seq_len, seed=args.seed, device=args.device, dtype=args.dtype,
-                       layer_batch_size=args.layer_batch_size, lmhead_chunks=args.lmhead_chunks,
-                       quantize_lm_head=args.quantize_lm_head, layers=args.layers, overwrite=args.overwrite,
-                       resume=args.resume, progress=progress, **options)
-        print(out)
-    elif args.command == "eval":
-        from .eval import evaluate, format_table
-        res = evaluate(args.model_path, args.base, text=args.text, ctx=args.ctx, n_windows=args.n_windows,
-                       device=args.device, progress=progress)
-        print(json.dumps(res.to_json(), indent=2) if args.json else format_table([res]))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run(args)
+        args.handler(args)
+        return 0
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
