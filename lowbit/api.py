@@ -38,5 +38,5 @@ def evaluate(model_path: str, base: str, text: str = "moby-dick", ctx: int = 512
 
 def fetch(name: str, progress: bool = True) -> Path:
     """Fetch a known real model (e.g. 'smollm2-135m') into ~/.cache/lowbit/models."""
-    from .fetch import fetch as run
+    from .zoo import fetch as run
     return run(name, progress=progress)

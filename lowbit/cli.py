@@ -34,7 +34,7 @@ def _add_fetch(sub) -> None:
 
 
 def _run_fetch(args) -> None:
-    from .fetch import fetch
+    from .zoo import fetch
     print(fetch(args.name, progress=not args.quiet))
 
 
