@@ -23,7 +23,7 @@ def run_eval(model: Path, base: Path, text: str, n_windows: int) -> dict:
     cmd = [sys.executable, "-m", "lowbit", "-q", "eval", "--model-path", str(model), "--base", str(base),
            "--text", text, "--n-windows", str(n_windows), "--json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{"):])["results"][0]
 
 
 def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:

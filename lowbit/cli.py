@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from .errors import LowbitError
+from .eval.commands import COMMANDS as EVAL_TOOLS  # inspect, size, gate, recommend, report
 
 
 def _method_flags(p: argparse.ArgumentParser) -> None:
@@ -79,26 +80,33 @@ def _run_quantize(args) -> None:
 
 
 def _add_eval(sub) -> None:
-    e = sub.add_parser("eval", help="KLD, perplexity and top-1 against the base model")
-    e.add_argument("--model-path", required=True)
+    e = sub.add_parser("eval", help="KLD, perplexity and top-1 of one or more candidates against the base model")
+    e.add_argument("--model-path", required=True, nargs="+", help="one or more candidates")
     e.add_argument("--base", required=True)
     e.add_argument("--text", default="moby-dick", help="held-out text: file, embedded name or hub dataset")
     e.add_argument("--ctx", type=int, default=512)
     e.add_argument("--n-windows", type=int, default=None)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--bootstrap", type=int, default=1000, help="resamples of windows for 95%% CIs (0 = none)")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    e.add_argument("--no-cache", action="store_true",
+                   help="keep no base logits on disk (default: ~/.cache/lowbit/eval or $LOWBIT_CACHE/eval, "
+                        "n_windows × ctx × vocab × 4 bytes); the base then runs beside each candidate")
     e.add_argument("--json", action="store_true")
     e.set_defaults(handler=_run_eval)
 
 
 def _run_eval(args) -> None:
-    from .eval import evaluate, format_table
-    res = evaluate(args.model_path, args.base, text=args.text, ctx=args.ctx, n_windows=args.n_windows,
-                   device=args.device, progress=not args.quiet)
-    print(json.dumps(res.to_json(), indent=2) if args.json else format_table([res]))
+    from .eval.compare import evaluate_many, format_many, results_json
+    res = evaluate_many(args.model_path, args.base, text=args.text, ctx=args.ctx, n_windows=args.n_windows,
+                        device=args.device, batch_size=args.batch_size, progress=not args.quiet,
+                        use_cache=not args.no_cache, n_bootstrap=args.bootstrap, seed=args.seed)
+    print(json.dumps(results_json(res), indent=2) if args.json else format_many(res))
 
 
 # A new command is a function `register(subparsers)` that sets `handler`; list it here.
-COMMANDS: list[Callable] = [_add_fetch, _add_quantize, _add_eval]
+COMMANDS: list[Callable] = [_add_fetch, _add_quantize, _add_eval, *EVAL_TOOLS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.handler(args)
-        return 0
+        return int(args.handler(args) or 0)  # a handler may return an exit status (gate: 1 = rejected)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2

@@ -257,9 +257,13 @@ def _quantize_lm_head(model: StreamedModel, method: Method, fmt: Format, batches
         data = LayerData("lm_head", chunk, model.family, batches, [""],
                          run=lambda b, m=chunk: m(norm(b.hidden)))
         pieces.append(method.quantize_layer(data, fmt).quantized[""])
+    g_idx = pieces[0].g_idx  # chunks share their input, hence any act-order permutation
+    if any((p.g_idx is None) != (g_idx is None) or (g_idx is not None and not torch.equal(p.g_idx, g_idx))
+           for p in pieces):
+        raise LowbitError("lm_head chunks were quantized with different group orders; use --lmhead-chunks 1")
     qt = QuantizedTensor(torch.cat([p.W_q for p in pieces]),
                          QParams(torch.cat([p.qparams.scale for p in pieces]),
-                                 torch.cat([p.qparams.zero for p in pieces])), fmt)
+                                 torch.cat([p.qparams.zero for p in pieces])), fmt, g_idx)
     save_layer(plan_file, {name: qt}, {}, {"chunks": len(pieces)})
     model.release(name)
     model.release(model.family.final_norm)

@@ -26,6 +26,8 @@ def save_layer(path: Path, quantized: dict[str, QuantizedTensor], updates: dict[
         tensors[f"{name}.W_q"] = qt.W_q.contiguous().cpu()
         tensors[f"{name}.scale"] = qt.qparams.scale.float().contiguous().cpu()
         tensors[f"{name}.zero"] = qt.qparams.zero.float().contiguous().cpu()
+        if qt.g_idx is not None:
+            tensors[f"{name}.g_idx"] = qt.g_idx.to(torch.int32).contiguous().cpu()
     for name, t in updates.items():
         tensors[f"update:{name}"] = t.contiguous().cpu()
     tmp = path.with_name(path.name + ".tmp")
@@ -61,7 +63,8 @@ class Plan:
     def quantized(self, path: str) -> QuantizedTensor:
         with safe_open(self._where[path], framework="pt") as h:
             W_q, scale, zero = (h.get_tensor(path + s) for s in _SUFFIXES)
-        return QuantizedTensor(W_q, QParams(scale, zero), self.fmt)
+            g_idx = _g_idx(h, path)
+        return QuantizedTensor(W_q, QParams(scale, zero), self.fmt, g_idx)
 
     def update(self, name: str) -> torch.Tensor:
         with safe_open(self._updates[name], framework="pt") as h:
@@ -82,5 +85,11 @@ def load_layer(path: Path, fmt: Format) -> tuple[dict[str, QuantizedTensor], dic
             elif k.endswith(".W_q"):
                 p = k[: -len(".W_q")]
                 quantized[p] = QuantizedTensor(h.get_tensor(k), QParams(h.get_tensor(p + ".scale"),
-                                                                        h.get_tensor(p + ".zero")), fmt)
+                                                                        h.get_tensor(p + ".zero")), fmt,
+                                               _g_idx(h, p))
     return quantized, updates
+
+
+def _g_idx(h, path: str) -> torch.Tensor | None:
+    """The optional act-order group index of one linear (absent for contiguous groups)."""
+    return h.get_tensor(path + ".g_idx") if path + ".g_idx" in h.keys() else None

@@ -5,10 +5,19 @@ from typing import Any
 
 from ..errors import LowbitError
 from .base import LayerResult, Method
+from .gptq import AWQGPTQ, GPTQ
+from .awq import AWQ
+from .awq_joint import AWQJoint
+from .dh_awq import DHAWQ
 from .rtn import RTN
 
 METHODS: dict[str, type[Method]] = {
     RTN.name: RTN,
+    AWQ.name: AWQ,
+    DHAWQ.name: DHAWQ,
+    AWQJoint.name: AWQJoint,
+    GPTQ.name: GPTQ,
+    AWQGPTQ.name: AWQGPTQ,
 }
 
 

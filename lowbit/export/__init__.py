@@ -4,12 +4,14 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import LowbitError
-from . import compressed_tensors, fake
+from . import autoawq, compressed_tensors, fake, gptq
 from .writer import ExportContext
 
 EXPORTERS: dict[str, Callable] = {
     "compressed-tensors": compressed_tensors.export,
     "fake": fake.export,
+    "gptq": gptq.export,
+    "autoawq": autoawq.export,
 }
 
 

@@ -65,6 +65,9 @@ def export(ctx: ExportContext, out_dir: Path) -> None:
                           "choose --format fake or another exporter")
 
     def convert_linear(path: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        if qt.g_idx is not None:
+            raise LowbitError(f"{path}: act-order groups (g_idx) are not written by this exporter; "
+                              "choose --format gptq or fake, or quantize without --true-act-order")
         return {f"{path}.{k}": v for k, v in convert(qt, ctx.dtype).items()}
 
     write_shards(output_tensors(ctx, convert_linear), out_dir)

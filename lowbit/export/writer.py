@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from ..formats import Format, QuantizedTensor
 from ..model.arch import Family
@@ -53,39 +53,63 @@ def output_tensors(ctx: ExportContext, convert: Converter) -> Iterator[tuple[str
         yield from convert(path, ctx.plan.quantized(path)).items()
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class _SafetensorsStream:
+    """One safetensors file written a tensor at a time: payloads go to a side file as they come,
+    the header is written at the end, so memory never holds more than one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self.data = open(self.data_path, "wb")
+        self.header: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self.data.write(memoryview(raw))
+        end = self.nbytes + t.numel() * t.element_size()
+        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.nbytes, end]}
+        self.nbytes = end
+
+    def close(self) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 1 << 24)
+        self.data_path.unlink()
+
+
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path,
                  max_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """Stream tensors into safetensors shards of at most `max_bytes`, with an index if sharded."""
-    shards: list[dict[str, torch.Tensor]] = []
-    files: list[Path] = []
-    current: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush():
-        nonlocal current, size
-        if current:
-            tmp = out_dir / f"shard-{len(files):05d}.tmp"
-            save_file(current, tmp, metadata={"format": "pt"})
-            files.append(tmp)
-            shards.append({k: None for k in current})
-        current, size = {}, 0
-
+    shards: list[_SafetensorsStream] = []
     for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_bytes:
-            flush()
-        current[name] = t.contiguous()
-        size += nbytes
-    flush()
+        if not shards or (shards[-1].nbytes and shards[-1].nbytes + t.numel() * t.element_size() > max_bytes):
+            if shards:
+                shards[-1].close()
+            shards.append(_SafetensorsStream(out_dir / f"shard-{len(shards):05d}.tmp"))
+        shards[-1].add(name, t)
+    if not shards:
+        shards.append(_SafetensorsStream(out_dir / "shard-00000.tmp"))
+    shards[-1].close()
 
-    if len(files) == 1:
+    if len(shards) == 1:
         final = [out_dir / "model.safetensors"]
     else:
-        final = [out_dir / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    for tmp, dst in zip(files, final):
-        tmp.rename(dst)
+        final = [out_dir / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, dst in zip(shards, final):
+        shard.path.rename(dst)
     if len(final) > 1:
-        weight_map = {k: dst.name for keys, dst in zip(shards, final) for k in keys}
+        weight_map = {k: dst.name for shard, dst in zip(shards, final) for k in shard.header}
         total = sum(f.stat().st_size for f in final)
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

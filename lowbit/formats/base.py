@@ -31,14 +31,24 @@ class QParams:
 
 @dataclass
 class QuantizedTensor:
-    """Codes plus the grid parameters that decode them (one linear's weight)."""
+    """Codes plus the grid parameters that decode them (one linear's weight).
+
+    g_idx: optional group of each input column, int [in] (GPTQ act-order); None means the
+    contiguous groups the format defines (column j in group j // group_length).
+    """
 
     W_q: torch.Tensor
     qparams: QParams
     format: "Format"
+    g_idx: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        W_r = self.format.dequantize(self.W_q, self.qparams)
+        if self.g_idx is None:
+            W_r = self.format.dequantize(self.W_q, self.qparams)
+        else:
+            g = self.g_idx.long()
+            W_r = self.format.dequantize_elementwise(self.W_q, self.qparams.scale.float()[:, g],
+                                                     self.qparams.zero.float()[:, g])
         return W_r if dtype is None else W_r.to(dtype)
 
 
@@ -104,6 +114,27 @@ class Format(ABC):
     def fake_quantize(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> torch.Tensor:
         """W -> W_r: round-trip through the grid (what the deployed model will compute with)."""
         return self.encode(W, clip).dequantize()
+
+    @classmethod
+    def from_scheme(cls, scheme, scale_dtype: torch.dtype = torch.float32) -> "Format":
+        """The format for a QuantScheme; formats whose layout fixes bits or group size override this."""
+        return cls(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym, scale_dtype=scale_dtype)
+
+    def for_tensor(self, W: torch.Tensor) -> "Format":
+        """This format with its per-tensor parameters (if it has any) fixed from the whole weight W.
+
+        Algorithms that fit column slices of W one group at a time (GPTQ) call it once per weight,
+        so that every slice shares e.g. NVFP4's global scale. Most formats return self.
+        """
+        return self
+
+    def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """The storage tensors of `qt` (name -> tensor), the format's on-disk layout."""
+        raise NotImplementedError(f"format {self.name!r} defines no packed layout")
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
+        """Exact inverse of `pack`."""
+        raise NotImplementedError(f"format {self.name!r} defines no packed layout")
 
 
 def expand_groups(t: torch.Tensor, group_len: int) -> torch.Tensor:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, QParams
+from ..errors import LowbitError
+from .base import Format, QParams, QuantizedTensor
+from .packing import pack_int32, unpack_int32
 
 _EPS = 1e-8
 
@@ -66,3 +68,38 @@ class IntFormat(Format):
         gl = self.group_length(in_features)
         meta = 16 + (0 if self.sym else self.bits)
         return self.bits + meta / gl
+
+    def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """compressed-tensors ``pack-quantized`` layout, lossless (scales kept in float32):
+
+          weight_packed       int32 [out, ⌈in·b/32⌉]   codes W_q as a dense bitstream along in
+          weight_scale        float32 [out, G]
+          weight_zero_point   int32 [⌈out·b/32⌉, G]    zeros packed along out (asymmetric only)
+          weight_shape        int64 [2]
+          weight_g_idx        int32 [in]               (act-order only)
+        """
+        out_f, in_f = qt.W_q.shape
+        t = {
+            "weight_packed": pack_int32(qt.W_q, self.bits),
+            "weight_scale": qt.qparams.scale.float().contiguous(),
+            "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+        }
+        if not self.sym:
+            zero = qt.qparams.zero.float()
+            if not torch.equal(zero, zero.round().clamp(0, self.qmax)):
+                raise LowbitError("int zero points must be integers in [0, 2^bits - 1] to be packed")
+            t["weight_zero_point"] = pack_int32(zero.to(torch.uint8).T, self.bits).T.contiguous()
+        if qt.g_idx is not None:
+            t["weight_g_idx"] = qt.g_idx.to(torch.int32)
+        return t
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
+        out_f, in_f = (int(v) for v in tensors["weight_shape"])
+        scale = tensors["weight_scale"].float()
+        W_q = unpack_int32(tensors["weight_packed"], self.bits, in_f)
+        if self.sym:
+            zero = torch.full_like(scale, float(1 << (self.bits - 1)))
+        else:
+            zero = unpack_int32(tensors["weight_zero_point"].T, self.bits, out_f).T.float().contiguous()
+        g_idx = tensors.get("weight_g_idx")
+        return QuantizedTensor(W_q, QParams(scale, zero), self, g_idx)

@@ -67,28 +67,35 @@ class LayerData:
         return {n: self._inputs[n] for n in names}
 
     @torch.no_grad()
-    def accumulate(self, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]) -> None:
+    def accumulate(self, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]) -> dict[str, str]:
         """Stream calibration inputs of the named linears to `fn(name, X [tokens, in])` without storing them.
 
         Linears that share one input tensor (q, k, v) are reported once, under the first name.
+        Returns name -> the name its input is reported under (itself for the first of a group).
         """
+        shared: dict[str, str] = {}
+
         def make_hook(n):
             def hook(_m, args):
                 x = args[0]
                 if id(x) in seen:
+                    shared.setdefault(n, seen[id(x)][0])
                     return
-                seen.add(id(x))
+                seen[id(x)] = (n, x)  # holding x keeps its id from being reused by a later tensor
+                shared.setdefault(n, n)
                 fn(n, x.reshape(-1, x.shape[-1]).float())
             return hook
 
         handles = [self.module.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
         try:
             for b in self.batches:
-                seen: set[int] = set()
+                seen: dict[int, tuple[str, torch.Tensor]] = {}
                 self.run(b)
+                seen = {}
         finally:
             for h in handles:
                 h.remove()
+        return shared
 
     @torch.no_grad()
     def block_inputs(self, block: str) -> list[tuple[tuple, dict]]:

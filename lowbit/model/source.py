@@ -109,7 +109,6 @@ class WeightStore:
                 with safe_open(f, framework="pt") as h:
                     weight_map.update({k: f.name for k in h.keys()})
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -117,23 +116,25 @@ class WeightStore:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def _handle(self, name: str):
+    def _file(self, name: str) -> Path:
         try:
-            fname = self.weight_map[name]
+            return self.dir / self.weight_map[name]
         except KeyError:
             raise LowbitError(f"tensor {name} is missing from {self.dir}; the checkpoint is incomplete") from None
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(self.dir / fname, framework="pt")
-        return self._handles[fname]
 
+    # Each read opens the file anew: a mapping kept open would keep every page it touched
+    # resident, and peak memory would grow to the model's size.
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        with safe_open(self._file(name), framework="pt") as h:
+            return h.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with safe_open(self._file(name), framework="pt") as h:
+            return tuple(h.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        with safe_open(self._file(name), framework="pt") as h:
+            return _DTYPES[h.get_slice(name).get_dtype()]
 
     def with_prefix(self, prefix: str) -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]

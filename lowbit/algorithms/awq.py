@@ -1,0 +1,484 @@
+"""AWQ (Lin et al. 2023), as AutoAWQ runs it: per-input-channel scales searched against the
+output of the block each balance group feeds, folded into the op before the group, then a
+clipping-range search per linear, then nearest rounding.
+
+Plan, then apply: a search returns scales (plain data); `fold` applies them to a
+`ScaledLayer`, a re-parametrisation of the layer's float weights that computes the same
+function; codes are fitted on that. dh_awq and awq_joint reuse every piece and change the
+rounding (and, for awq-joint, the search).
+
+Names: W float [out, in]; W_q codes; W_r reconstruction; X activations [tokens, in];
+H = E[x xᵀ] [in, in]; s scales [in]. "Work space" is the folded parametrisation: a linear's
+weight there is diag(1/row) · W · diag(col) and its input X / col, where W and X are the live
+(unfolded) model's.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..errors import LowbitError
+from ..formats import Format, QParams, QuantizedTensor
+from ..formats.base import expand_groups
+from ..model.arch import BalanceGroup
+from ..model.layer import LayerData
+from .base import LayerResult, Method
+
+log = logging.getLogger(__name__)
+
+# Linears whose outputs meet in q·kᵀ: their own output error says little about the attention
+# scores, so AutoAWQ never clips them (its `avoid_clipping`); a fused qkv holds q and k rows.
+_NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
+
+
+# -- pure math ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the many small and medium tensor steps of a search on one CPU thread (no-op elsewhere).
+
+    On a CPU that others share, torch's threads wait on each other at every step; measured on 2
+    busy cores, such loops ran 3-5x slower on 2 threads than on 1. The old count is restored.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def awq_scales(x: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = x^α, or x^α / w̄^(1−α) with duo scaling, normalised so that max(s)·min(s) = 1.
+
+    Shapes: x (activation salience), w_mean [in] -> s [in]. α = 0 without w_mean gives s = 1 exactly.
+    """
+    s = x.pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.pow(1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def weight_mean(W: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """AutoAWQ's w̄ for duo scaling: |W| relative to its group's absmax, averaged over rows.
+
+    Shapes: W [rows, in] (the group's linears stacked) -> [in].
+    """
+    G = fmt.grouped(W).abs()
+    return (G / (G.amax(dim=-1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
+
+
+def fold_norm_weight(w: torch.Tensor, s: torch.Tensor, plus_one: bool) -> torch.Tensor:
+    """The norm weight whose output is the old output / s; Gemma's norm multiplies by (1 + w)."""
+    return (1 + w) / s - 1 if plus_one else w / s
+
+
+def clip_ratios(grid: int, max_shrink: float) -> list[float]:
+    """AutoAWQ's shrink factors: 1, 1 − 1/grid, … down to (not below) 1 − max_shrink."""
+    return [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
+
+
+def diagonal_blocks(H: torch.Tensor, group_len: int) -> torch.Tensor:
+    """The group-diagonal blocks of H. Shapes: H [in, in] -> [n_groups, group_len, group_len]."""
+    n = H.shape[0] // group_len
+    assert n * group_len == H.shape[0], f"group length {group_len} does not divide {H.shape[0]}"
+    return H.reshape(n, group_len, n, group_len).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def group_errors(dW: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """E[(ΔW_g x_g)²] per row and group: the output error each group alone causes.
+
+    Shapes: dW [out, in] or grouped [out, G, gl]; blocks [G, gl, gl] (`diagonal_blocks`) -> [out, G].
+    """
+    G, gl, _ = blocks.shape
+    D = dW.reshape(dW.shape[0], G, gl).transpose(0, 1)  # [G, out, gl]
+    return (torch.bmm(D, blocks) * D).sum(-1).T
+
+
+def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
+    """Mean squared output error E[(ΔW x)²] averaged over outputs. Shapes: dW [out, in], H [in, in]."""
+    return float(((dW @ H) * dW).sum() / dW.shape[0])
+
+
+def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Format, ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the range shrink factor whose nearest-rounded group minimises that group's output
+    error (AutoAWQ's auto_clip objective, on every token H was gathered on).
+
+    Shapes: W [out, in], H [in, in] (E[x xᵀ] of W's input) -> clip [out, n_groups], error [out, n_groups].
+    """
+    blocks = diagonal_blocks(H, fmt.group_length(W.shape[1]))
+    Wg = fmt.grouped(W)  # [out, G, gl]: grid parameters broadcast over a group, no expanded copies
+    best_err = best = None
+    for r in ratios:
+        qp = fmt.fit(W, r)
+        scale, zero = qp.scale.float()[..., None], qp.zero.float()[..., None]
+        W_r = fmt.dequantize_elementwise(fmt.quantize_elementwise(Wg, scale, zero), scale, zero)
+        err = group_errors(W_r - Wg, blocks)
+        if best is None:
+            best_err, best = err, torch.full_like(err, r)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, r), best)
+    return best, best_err
+
+
+def flip_candidates(W: torch.Tensor, W_q: torch.Tensor, qp: QParams, fmt: Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each weight's other neighbouring grid point: the adjacent code on the far side of W from W_r.
+
+    Shapes: W, W_q [out, in] -> codes [out, in], value change δ [out, in], valid [out, in] bool
+    (False where that code is off the grid, e.g. a clipped weight at the range end).
+    """
+    gl = fmt.group_length(W.shape[1])
+    scale, zero = expand_groups(qp.scale.float(), gl), expand_groups(qp.zero.float(), gl)
+    W_r = fmt.dequantize_elementwise(W_q, scale, zero)
+    step = torch.where(W >= W_r, 1, -1).to(torch.int16)  # on the grid exactly: up, as DH-AWQ does
+    wide = W_q.to(torch.int16) + step
+    codes = wide.clamp(0, 255).to(W_q.dtype)
+    value = fmt.dequantize_elementwise(codes, scale, zero)
+    valid = (wide >= 0) & (wide <= 255)
+    valid &= fmt.quantize_elementwise(value, scale, zero).to(codes.dtype) == codes
+    valid &= (value - W_r) * step > 0
+    return codes, value - W_r, valid
+
+
+# -- calibration statistics -------------------------------------------------------------------------
+@dataclass
+class InputStats:
+    """Moments of one linear input X [tokens, in].
+
+    mean = E[x], sq = E[x²], abs = E[|x|] per channel [in]; H = E[x xᵀ] [in, in] over the tokens
+    of the first calibration batches (see `collect_stats`).
+    """
+
+    mean: torch.Tensor
+    sq: torch.Tensor
+    abs: torch.Tensor
+    H: torch.Tensor
+
+    def scaled(self, c: torch.Tensor) -> "InputStats":
+        """The moments of X / c (c [in])."""
+        return InputStats(self.mean / c, self.sq / c**2, self.abs / c, self.H / (c[:, None] * c[None, :]))
+
+    def salience(self, kind: str) -> torch.Tensor:
+        """Per-channel importance: E[x²] ("l2") or E[|x|] ("mean-abs", AutoAWQ's)."""
+        return {"l2": self.sq, "mean-abs": self.abs}[kind]
+
+
+class _Moments:
+    def __init__(self, n: int, device: torch.device):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+        self.sum, self.sq, self.abs = z(n), z(n), z(n)
+        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.tokens = self.h_tokens = self.batches = 0
+
+    def add(self, X: torch.Tensor, with_h: bool, stats_too: bool) -> None:
+        if stats_too:  # float32 within a batch, float64 across batches
+            self.sum += X.sum(0).double()
+            self.sq += X.square().sum(0).double()
+            self.abs += X.abs().sum(0).double()
+            self.tokens += X.shape[0]
+        if with_h:
+            self.H += X.T @ X
+            self.h_tokens += X.shape[0]
+        self.batches += 1
+
+    def result(self) -> InputStats:
+        n = max(self.tokens, 1)
+        return InputStats((self.sum / n).float(), (self.sq / n).float(), (self.abs / n).float(),
+                          self.H / max(self.h_tokens, 1))
+
+
+def collect_stats(layer: LayerData, names: list[str], hessian_batches: int,
+                  stats_batches: int | None = None) -> dict[str, InputStats]:
+    """One pass over the calibration batches: moments of each named linear's input.
+
+    Moments use the first `stats_batches` batches (all when None), H the first `hessian_batches`.
+    """
+    acc: dict[str, _Moments] = {}
+    limit = len(layer.batches) if stats_batches is None else stats_batches
+
+    def fn(name: str, X: torch.Tensor) -> None:
+        m = acc.setdefault(name, _Moments(X.shape[1], X.device))
+        m.add(X, with_h=m.batches < hessian_batches, stats_too=m.batches < limit)
+
+    if limit < len(layer.batches):
+        layer = search_view(layer, max(limit, hessian_batches))
+    layer.accumulate(names, fn)
+    missing = [n for n in names if n not in acc]
+    if missing:
+        raise LowbitError(f"layer {layer.index}: no calibration input reached {', '.join(missing)}; "
+                          "the architecture table's balance groups do not match the model")
+    return {n: m.result() for n, m in acc.items()}
+
+
+def batches_for(layer: LayerData, tokens: int) -> int:
+    """How many leading calibration batches hold at least `tokens` tokens (0 = all batches)."""
+    if tokens <= 0:
+        return len(layer.batches)
+    seen = 0
+    for i, b in enumerate(layer.batches):
+        seen += b.hidden.shape[:-1].numel()
+        if seen >= tokens:
+            return i + 1
+    return len(layer.batches)
+
+
+def search_view(layer: LayerData, n_batches: int) -> LayerData:
+    """The same live layer seen through only its first `n_batches` calibration batches."""
+    if n_batches >= len(layer.batches):
+        return layer
+    return LayerData(layer.index, layer.module, layer.family, layer.batches[:n_batches], (), layer.run)
+
+
+# -- folding -------------------------------------------------------------------------------------
+@dataclass
+class ScaledLayer:
+    """A layer's float weights with scales folded in: the same function, re-parametrised.
+
+    weights: linear -> W in work space [out, in]; col: linear -> [in] (work input = live input / col);
+    row: linear -> [out] (work output = live output / row); updates: folded non-linear parameters.
+    """
+
+    weights: dict[str, torch.Tensor]
+    col: dict[str, torch.Tensor]
+    row: dict[str, torch.Tensor]
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layer: LayerData) -> "ScaledLayer":
+        ws = {n: W.clone() for n, W in layer.weights.items()}
+        return cls(ws, {n: torch.ones_like(W[0]) for n, W in ws.items()},
+                   {n: torch.ones_like(W[:, 0]) for n, W in ws.items()})
+
+    def live(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """A work-space weight of linear `name` expressed for the live (unfolded) layer."""
+        return W * self.row[name][:, None] / self.col[name][None, :]
+
+    def param(self, layer: LayerData, name: str) -> torch.Tensor | None:
+        """A non-linear parameter as folded so far (None if the layer has none of that name)."""
+        if name in self.updates:
+            return self.updates[name]
+        try:
+            return layer.param(name)
+        except AttributeError:
+            return None
+
+
+def prev_rows(group: BalanceGroup, out_features: int) -> slice:
+    """The rows of the preceding linear that feed the group (all rows unless `prev_rows` is set)."""
+    if group.prev_rows is None:
+        return slice(0, out_features)
+    num, den = group.prev_rows
+    part = out_features // den
+    return slice(num * part, (num + 1) * part)
+
+
+def unfoldable(layer: LayerData, state: ScaledLayer, group: BalanceGroup) -> str | None:
+    """Why `group`'s scales cannot be folded in this layer, or None if they can."""
+    if any(n not in state.weights for n in group.linears):
+        return "its linears are not in this layer"
+    widths = {state.weights[n].shape[1] for n in group.linears}
+    if len(widths) != 1:
+        return "its linears differ in in_features"
+    width = widths.pop()
+    if group.prev in state.weights:  # a linear: its (selected) output rows must match one to one
+        out = state.weights[group.prev].shape[0]
+        r = prev_rows(group, out)
+        if (group.prev_rows and out % group.prev_rows[1]) or r.stop - r.start != width:
+            return f"{group.prev} rows do not match one to one (e.g. grouped-query attention)"
+        return None
+    w = state.param(layer, group.prev + ".weight")
+    if w is None or tuple(w.shape) != (width,):
+        return f"{group.prev} has no weight of {width} channels"
+    return None
+
+
+def fold(layer: LayerData, state: ScaledLayer, group: BalanceGroup, s: torch.Tensor) -> None:
+    """Scale input channels of the group's linears by s and divide the preceding op's outputs by s."""
+    for n in group.linears:
+        state.weights[n] = state.weights[n] * s[None, :]
+        state.col[n] = state.col[n] * s
+    if group.prev in state.weights:
+        rows = prev_rows(group, state.weights[group.prev].shape[0])
+        W = state.weights[group.prev].clone()
+        W[rows] = W[rows] / s[:, None]
+        state.weights[group.prev] = W
+        r = state.row[group.prev].clone()
+        r[rows] = r[rows] * s
+        state.row[group.prev] = r
+        bias = state.param(layer, group.prev + ".bias")
+        if bias is not None:
+            b = bias.clone()
+            b[rows] = b[rows] / s
+            state.updates[group.prev + ".bias"] = b
+        return
+    w = state.param(layer, group.prev + ".weight")
+    state.updates[group.prev + ".weight"] = fold_norm_weight(w, s, layer.family.norm_plus_one)
+    bias = state.param(layer, group.prev + ".bias")
+    if bias is not None:  # a LayerNorm's shift is part of its output, so it is divided too
+        state.updates[group.prev + ".bias"] = bias / s
+
+
+# -- objectives -------------------------------------------------------------------------------------
+Objective = Callable[[dict[str, torch.Tensor]], float]
+
+
+def block_objective(view: LayerData, state: ScaledLayer, group: BalanceGroup,
+                    H: torch.Tensor, originals: dict[str, torch.Tensor]) -> Objective:
+    """loss(W_r in work space per group linear) = MSE of the group's block output.
+
+    A block that is one linear needs no forward pass: its output MSE is exactly E[(ΔW x)²], from H
+    (E[x xᵀ] of its live input, on the same tokens). Other blocks are run on `view`'s batches.
+    """
+    if len(group.linears) == 1 and group.block == group.linears[0]:
+        n = group.block
+        return lambda W_r: output_error(state.live(n, W_r[n]) - originals[n], H)
+    ref = view.run_block(group.block)
+    total = sum(r.numel() for r in ref)
+
+    def loss(W_r: dict[str, torch.Tensor]) -> float:
+        outs = view.run_block(group.block, {n: state.live(n, W) for n, W in W_r.items()})
+        return float(sum(((o - r) ** 2).sum() for o, r in zip(outs, ref)) / total)
+    return loss
+
+
+# -- the method ------------------------------------------------------------------------------------
+@dataclass
+class LayerPlan:
+    """Scales searched and folded for one layer, before any codes are chosen."""
+
+    state: ScaledLayer
+    stats: dict[str, InputStats]   # keyed by input (see `input_keys`), live space
+    keys: dict[str, str]           # linear -> its input key
+    info: dict[str, dict]          # balance group prev -> what the search found
+    # linear -> (codes a search already chose, its row scale then); reused while the rows stay put
+    chosen: dict[str, tuple[QuantizedTensor, torch.Tensor]] = field(default_factory=dict)
+
+    def inputs(self, name: str) -> InputStats:
+        """Moments of linear `name`'s input in work space."""
+        return self.stats[self.keys[name]].scaled(self.state.col[name])
+
+
+def input_keys(layer: LayerData) -> dict[str, str]:
+    """linear -> the first linear of its balance group (they share one input), else itself."""
+    keys = {n: n for n in layer.weights}
+    for g in layer.family.balance:
+        if all(n in keys for n in g.linears):
+            for n in g.linears:
+                keys[n] = g.linears[0]
+    return keys
+
+
+def clippable(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] not in _NO_CLIP
+
+
+class AWQ(Method):
+    """Standard AWQ: scale search per balance group, clipping search per linear, nearest rounding.
+
+    Options: n_grid α points in [0, 1); salience "l2" (E[x²]) or "mean-abs" (E|x|); duo_scaling
+    (x̄^α / w̄^(1−α)); clip on/off with AutoAWQ's clip_grid/max_shrink; search_tokens: calibration
+    tokens the block objective and H use (0 = all, as AutoAWQ).
+    """
+
+    name = "awq"
+    defaults = {"n_grid": 20, "salience": "l2", "duo_scaling": False, "clip": True, "clip_grid": 20,
+                "max_shrink": 0.5, "search_tokens": 0}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        if o["salience"] not in ("l2", "mean-abs"):
+            raise LowbitError(f"--salience must be l2 or mean-abs, not {o['salience']!r}")
+        if o["n_grid"] < 1 or o["clip_grid"] < 1 or not 0 <= o["max_shrink"] < 1:
+            raise LowbitError("--n-grid and --clip-grid must be ≥ 1 and --max-shrink in [0, 1)")
+
+    # The steps a variant may replace -----------------------------------------------------------
+    def round_codes(self, W: torch.Tensor, qp: QParams, fmt: Format, X: InputStats, name: str,
+                    stats: dict | None = None) -> torch.Tensor:
+        """Codes for W (work space) on grid `qp`; X: its input's moments in work space."""
+        return fmt.quantize(W, qp)
+
+    def hessian_tokens(self) -> int:
+        return self.options["search_tokens"]
+
+    def stats_tokens(self) -> int:
+        return 0
+
+    # Orchestration -------------------------------------------------------------------------------
+    def quantize_layer(self, layer: LayerData, fmt: Format) -> LayerResult:
+        plan = self.plan(layer, fmt)
+        quantized, stats = self.encode(layer, plan, fmt)
+        return LayerResult(quantized, plan.state.updates, {"groups": plan.info, **stats})
+
+    def plan(self, layer: LayerData, fmt: Format) -> LayerPlan:
+        """Search every balance group's scales in order, each on the layer with the earlier ones folded."""
+        keys = input_keys(layer)
+        reps = list(dict.fromkeys(keys.values()))
+        stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
+        stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b)
+        view = search_view(layer, batches_for(layer, self.options["search_tokens"]))
+        plan = LayerPlan(ScaledLayer.of(layer), stats, keys, {})
+        for group in layer.family.balance:
+            why = unfoldable(layer, plan.state, group)
+            if why:
+                log.debug("layer %s: skipping balance group %s -> %s: %s", layer.index, group.prev,
+                          ",".join(group.linears), why)
+                continue
+            s, info = self.search(layer, view, plan, group, fmt)
+            if not torch.all(s == 1):
+                fold(layer, plan.state, group, s)
+            plan.info[group.prev] = info
+        return plan
+
+    def search(self, layer: LayerData, view: LayerData, plan: LayerPlan, group: BalanceGroup,
+               fmt: Format) -> tuple[torch.Tensor, dict]:
+        """AutoAWQ's grid: α = i / n_grid, s(α) applied as Q(W·s)/s, the block-output MSE minimised."""
+        X = plan.inputs(group.linears[0])
+        x = X.salience(self.options["salience"])
+        w_mean = None
+        if self.options["duo_scaling"]:
+            w_mean = weight_mean(torch.cat([plan.state.weights[n] for n in group.linears]), fmt)
+        loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]].H,
+                                  layer.weights)
+        best = (float("inf"), 0.0, torch.ones_like(x))  # no finite loss at all: leave the group unscaled
+        losses = []
+        for i in range(self.options["n_grid"]):
+            alpha = i / self.options["n_grid"]
+            s = awq_scales(x, alpha, w_mean)
+            Xs = X.scaled(s)
+            W_r = {}
+            for n in group.linears:
+                W_s = plan.state.weights[n] * s
+                qp = fmt.fit(W_s)
+                W_r[n] = fmt.dequantize(self.round_codes(W_s, qp, fmt, Xs, n), qp) / s
+            losses.append(loss_of(W_r))
+            if losses[-1] < best[0]:
+                best = (losses[-1], alpha, s)
+        return best[2], {"alpha": best[1], "loss": best[0], "loss_alpha0": losses[0]}
+
+    def encode(self, layer: LayerData, plan: LayerPlan, fmt: Format) -> tuple[dict[str, QuantizedTensor], dict]:
+        """Clip search (skipping q/k) and rounding for every linear, on the folded weights."""
+        ratios = clip_ratios(self.options["clip_grid"], self.options["max_shrink"])
+        quantized, clips, rstats = {}, {}, {}
+        for n, W in plan.state.weights.items():
+            X = plan.inputs(n)
+            clip = None
+            if self.options["clip"] and clippable(n):
+                clip, _ = clip_search(W, X.H, fmt, ratios)
+                clips[n] = float(clip.mean())
+            qp = fmt.fit(W, clip)
+            rstats[n] = {}
+            quantized[n] = QuantizedTensor(self.round_codes(W, qp, fmt, X, n, rstats[n]), qp, fmt)
+        out: dict = {"clip_mean": clips}
+        if any(rstats.values()):
+            out["rounding"] = {n: v for n, v in rstats.items() if v}
+        return quantized, out

@@ -1,0 +1,444 @@
+"""GPTQ (Frantar et al., 2022): round W onto a format's grid one input column at a time and feed
+each column's rounding error forward to the columns not yet rounded, weighted by the inverse
+Hessian of the layer-wise loss ||W X − W_r X||².
+
+Three steps, as separate functions:
+
+  make / accumulate   HessianSum: H = 2 XᵀX / n over all calibration tokens of one input
+  solve               gptq_quantize(W, H, fmt) (pure: knows no model and no format's bits)
+  plumbing            GPTQ.quantize_layer: one H per distinct input (q, k, v share one; gate, up
+                      share one), and one inverse per H for all the linears that read it;
+                      AWQGPTQ ("awq+gptq"): AWQ's folded scales, then the same solve
+
+Solver details (IST-DASLab's algorithm):
+  - dead inputs (H_ii = 0): H_ii = 1 and W[:, i] = 0;
+  - dampening: H + damp · mean(diag H) · I; U = upper Cholesky factor of H⁻¹; if a factorization
+    fails (or the result is not finite) retry with 10× the dampening, with a warning;
+  - columns in blocks of `block_size` with lazy batch updates: the error of each column updates the
+    rest of its block at once, and the block's errors update all later columns in one matmul;
+  - group grids: by default fitted when the loop reaches a group's first column, on the weights
+    as error feedback has left them (classic GPTQ); `static_groups` fits all groups on the original
+    W up front; `act_order` processes columns by descending diag H with static groups (codes keep
+    contiguous groups); `true_act_order` fits groups dynamically in that permuted order and returns
+    the group of every column (g_idx);
+  - observers: "minmax" or "mse" (per group, the shrink of the range in 1.00, 0.99, …, 0.80 whose
+    rounding has the least squared error).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import LowbitError
+from ..formats import Format, QParams, QuantizedTensor
+from .awq import AWQ
+from .base import LayerResult, Method
+
+log = logging.getLogger(__name__)
+
+OBSERVERS = ("minmax", "mse")
+MSE_SHRINKS = tuple(1.0 - 0.01 * k for k in range(21))  # 1.00 … 0.80, as llm-compressor's mse observer
+MAX_ATTEMPTS = 5
+
+
+# -- make / accumulate ---------------------------------------------------------------------------
+class HessianSum:
+    """Running H = 2 XᵀX / n of one linear input.
+
+    Shapes: X [tokens, in] -> H [in, in] (float32, on X's device).
+    """
+
+    def __init__(self) -> None:
+        self.XtX: torch.Tensor | None = None
+        self.n_tokens = 0
+
+    def add(self, X: torch.Tensor) -> None:
+        assert X.dim() == 2, f"X must be [tokens, in], got {tuple(X.shape)}"
+        X = X.float()
+        if self.XtX is None:
+            self.XtX = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+        self.XtX.addmm_(X.T, X)
+        self.n_tokens += X.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.XtX is None or self.n_tokens == 0:
+            raise LowbitError("no calibration tokens reached this input; GPTQ needs calibration data")
+        return self.XtX * (2.0 / self.n_tokens)
+
+
+def collect_hessians(layer, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One H per distinct input of the named linears of `layer` (a model.layer.LayerData).
+
+    Returns (H by representative name, name -> representative): linears that read the same tensor
+    (q, k, v) share the representative of the first of them.
+    """
+    sums: dict[str, HessianSum] = {}
+    shared = layer.accumulate(list(names), lambda n, X: sums.setdefault(n, HessianSum()).add(X))
+    return {n: s.hessian() for n, s in sums.items()}, dict(shared or {})
+
+
+def scale_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """H of the inputs X / s when input channel j is divided by s_j (AWQ scales folded upstream).
+
+    Shapes: H [in, in], s [in] -> [in, in]; pairs with W · s (columns scaled) for the weights.
+    """
+    s = s.float().to(H.device)
+    return H / (s[:, None] * s[None, :])
+
+
+# -- solve ---------------------------------------------------------------------------------------
+@dataclass
+class GPTQResult:
+    """One linear's GPTQ outcome.
+
+    quantized: codes [out, in] in the original column order, grid parameters, and g_idx (the
+    group of every input column) when the groups are not contiguous (true act order).
+    loss: ||(W − W_r) X||² / n_tokens = tr(ΔW H ΔWᵀ) / 2, with the undamped H.
+    damp: the dampening used, relative to mean(diag H) (larger than asked after a retry).
+    """
+
+    quantized: QuantizedTensor
+    loss: float
+    damp: float
+
+
+def reconstruction_loss(W: torch.Tensor, W_r: torch.Tensor, H: torch.Tensor) -> float:
+    """||(W − W_r) X||² / n_tokens for H = 2 XᵀX / n_tokens. Shapes: W, W_r [out, in]; H [in, in]."""
+    D = (W.float() - W_r.float()).to(H.device)
+    return float(((D @ H) * D).sum() / 2)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, **options: Any) -> GPTQResult:
+    """GPTQ of one weight matrix. Shapes: W [out, in], H [in, in]. Options: see `gptq_quantize_shared`."""
+    return gptq_quantize_shared([W], H, fmt, **options)[0]
+
+
+def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Format, *, block_size: int = 128,
+                         damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                         true_act_order: bool = False, observer: str = "minmax") -> list[GPTQResult]:
+    """GPTQ of several weight matrices that read the same input: one inverse Hessian for all.
+
+    Their rows are solved together (GPTQ treats rows independently, so this equals solving each
+    alone), while each group grid is fitted on one matrix's rows only.
+
+    block_size: columns per lazy-update block (speed only; groups never straddle a block badly);
+    damp: dampening relative to mean(diag H); act_order: columns by descending diag H, with
+    static groups; static_groups: every group's grid from the original W; true_act_order: the
+    permuted order with groups fitted along it (-> g_idx); observer: "minmax" or "mse".
+
+    Shapes: Ws[k] [out_k, in]; H [in, in] = 2 XᵀX / n_tokens.
+    """
+    n_in = H.shape[0]
+    assert H.shape == (n_in, n_in), f"H must be square, got {tuple(H.shape)}"
+    assert all(W.dim() == 2 and W.shape[1] == n_in for W in Ws), \
+        f"every W must be [out, {n_in}], got {[tuple(W.shape) for W in Ws]}"
+    if observer not in OBSERVERS:
+        raise LowbitError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+    if block_size < 1 or damp < 0:
+        raise LowbitError(f"GPTQ needs block_size >= 1 and damp >= 0, got {block_size} and {damp}")
+    if true_act_order and static_groups:
+        raise LowbitError("true_act_order fits groups as the permuted loop reaches them; it cannot be "
+                          "combined with static_groups (act_order alone uses static groups)")
+    if not torch.isfinite(H).all():
+        raise LowbitError("the Hessian contains NaN or Inf: calibration activations overflow "
+                          "(try --dtype float32)")
+    for W in Ws:
+        if not torch.isfinite(W).all():
+            raise LowbitError("GPTQ was given weights that contain NaN or Inf")
+    Ws_in = list(Ws)
+    gl = fmt.group_length(n_in)
+    fmt.groups(n_in)  # refuses a group size that does not divide in
+    unit = fit_length(fmt, n_in)
+
+    H_orig = H.float()
+    H = H_orig.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    Ws = [W.float().to(H.device).clone() for W in Ws]
+    for W in Ws:
+        W[:, dead] = 0.0
+    # Formats with per-tensor parameters fix them from each whole W (format.for_tensor). Matrices on
+    # the plain format are solved as one stack of rows; the others one by one (same inverse).
+    fmts = [fmt.for_tensor(W) for W in Ws]
+    jobs = [(list(range(len(Ws))), fmt)] if all(f is fmt for f in fmts) else [([k], f) for k, f in enumerate(fmts)]
+
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if (act_order or true_act_order) else None
+    use_static = static_groups or (act_order and not true_act_order)
+    prepared = []
+    for members, f in jobs:
+        rows = [Ws[k].shape[0] for k in members]
+        fit = _row_split_fit(f, rows, observer, unit)
+        W = torch.cat([Ws[k] for k in members])
+        static = fit(W) if use_static else None
+        prepared.append((members, f, W if perm is None else W[:, perm], fit, static))
+    if perm is not None:
+        H = H[perm][:, perm]
+
+    d = damp
+    for attempt in range(MAX_ATTEMPTS):
+        U = _inverse_cholesky_upper(H, d)
+        if U is None:
+            why = "Cholesky factorization failed"
+        else:
+            solved = [_solve(W.clone(), U, f, gl, unit, block_size, fit, static, perm)
+                      for _, f, W, fit, static in prepared]
+            if all(torch.isfinite(qp.scale).all() and torch.isfinite(qp.zero).all() for _, qp in solved):
+                break
+            why = "the solution was not finite"
+        if attempt == MAX_ATTEMPTS - 1:
+            raise LowbitError(f"GPTQ: {why} even with dampening {d:g}; the calibration Hessian is "
+                              "degenerate (check the calibration data, or use --method rtn)")
+        new_d = max(10 * d, 1e-3)
+        log.warning("GPTQ: %s with dampening %g (in=%d); retrying with 10x dampening %g", why, d, n_in, new_d)
+        d = new_d
+
+    inv = None if perm is None else torch.argsort(perm)
+    g_idx = None
+    if inv is not None and not use_static:  # true act order: group k = permuted columns [k·gl, (k+1)·gl)
+        g_idx = (inv // gl).to(torch.int32)
+    results: list[GPTQResult | None] = [None] * len(Ws)
+    for (members, f, _, _, _), (W_q, qp) in zip(prepared, solved):
+        if inv is not None:
+            W_q = W_q[:, inv]
+        rows = [Ws[k].shape[0] for k in members]
+        for k, W_q_k, sc, ze in zip(members, W_q.split(rows), qp.scale.split(rows), qp.zero.split(rows)):
+            dev = Ws_in[k].device
+            qt = QuantizedTensor(W_q_k.to(dev), QParams(sc.to(dev), ze.to(dev)), f,
+                                 None if g_idx is None else g_idx.to(dev, copy=True))
+            W_r = qt.dequantize()
+            if not torch.isfinite(W_r).all():  # unreachable for finite grids; never let a NaN out
+                raise LowbitError("GPTQ produced a non-finite reconstruction")
+            results[k] = GPTQResult(qt, reconstruction_loss(Ws_in[k], W_r, H_orig), d)
+    return results  # type: ignore[return-value]
+
+
+def fit_length(fmt: Format, n_in: int) -> int:
+    """The fewest columns `fmt.fit` grids on their own: one group, or the block of groups a format's
+    `groups` check demands where its groups share block-level parameters (GGUF K-quant super-blocks
+    quantize their sub-block scales against one block scale)."""
+    gl = fmt.group_length(n_in)
+    for span in range(gl, n_in, gl):
+        if n_in % span == 0:
+            try:
+                fmt.groups(span)
+                return span
+            except LowbitError:
+                continue
+    return n_in
+
+
+def _row_split_fit(fmt: Format, rows: list[int], observer: str, unit: int) -> Callable[[torch.Tensor], QParams]:
+    """Grid of W_cols [sum(rows), cols] fitted per matrix of a row stack (a format may couple a matrix's rows)."""
+    def fit(W_cols: torch.Tensor) -> QParams:
+        parts = [_observe(fmt, P, observer, unit) for P in W_cols.split(rows)]
+        return QParams(torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]))
+    return fit
+
+
+def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ (H⁻¹ = UᵀU), or None if not positive definite."""
+    Hd = H.clone()
+    diag = torch.arange(H.shape[0], device=H.device)
+    Hd[diag, diag] += damp * torch.mean(torch.diag(H))
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if info.item() != 0:
+        return None
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if info.item() != 0 or not torch.isfinite(U).all():
+        return None
+    return U
+
+
+def _block_bounds(n_in: int, unit: int, block_size: int) -> list[int]:
+    """Block starts such that every fit unit either lies inside one block or starts at a block start.
+
+    Then a unit's grid can be fitted on fully error-updated weights when the loop reaches its
+    first column (the result does not depend on the block size, only the speed does).
+    """
+    if unit < block_size:
+        return list(range(0, n_in, block_size // unit * unit))
+    return sorted(set(range(0, n_in, block_size)) | set(range(0, n_in, unit)))
+
+
+def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, block_size: int,
+           fit: Callable[[torch.Tensor], QParams], static: QParams | None,
+           perm: torch.Tensor | None) -> tuple[torch.Tensor, QParams]:
+    """The column loop. W [out, in] (columns in processing order, updated in place); U [in, in].
+
+    Returns codes [out, in] in processing order and the grid: `static` as given, or the groups
+    fitted along the loop (group k covering processed columns [k·gl, (k+1)·gl)), `unit`
+    columns (one or more whole groups) at a time.
+    """
+    n_out, n_in = W.shape
+    n_groups = n_in // gl
+    if static is not None:
+        col_group = torch.arange(n_in, device=W.device) if perm is None else perm.to(W.device)
+        col_group = (col_group // gl).tolist()
+        scale, zero = static.scale, static.zero
+    else:
+        scale = torch.zeros(n_out, n_groups, dtype=torch.float32, device=W.device)
+        zero = torch.zeros_like(scale)
+    W_q: torch.Tensor | None = None
+    bounds = _block_bounds(n_in, unit, block_size) + [n_in]
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static is not None:
+                g = col_group[j]
+            else:
+                g = j // gl
+                if j % unit == 0:
+                    if j + unit <= i2:
+                        cols = W1[:, i:i + unit]
+                    else:  # the unit spans later blocks; it starts this block, so W is up to date here
+                        assert i == 0
+                        cols = W[:, j:j + unit]
+                    qp = fit(cols)
+                    scale[:, g:g + unit // gl], zero[:, g:g + unit // gl] = qp.scale, qp.zero
+            s, z = scale[:, g:g + 1], zero[:, g:g + 1]
+            w = W1[:, i:i + 1]
+            q = fmt.quantize_elementwise(w, s, z)
+            if W_q is None:
+                W_q = torch.empty((n_out, n_in), dtype=q.dtype, device=W.device)
+            W_q[:, j:j + 1] = q
+            err = (w - fmt.dequantize_elementwise(q, s, z)) / U1[i, i]
+            W1[:, i + 1:].addmm_(err, U1[i:i + 1, i + 1:], alpha=-1.0)
+            Err1[:, i:i + 1] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    assert W_q is not None
+    return W_q, QParams(scale, zero)
+
+
+def _observe(fmt: Format, W: torch.Tensor, observer: str, unit: int | None = None) -> QParams:
+    """Grid for W [out, cols] (cols a multiple of `unit`, default one group): min-max, or the
+    range shrink per unit of columns (see `fit_length`) whose rounding error is least."""
+    if observer == "minmax":
+        return fmt.fit(W)
+    gl = fmt.group_length(W.shape[1])
+    per_unit = (unit or gl) // gl
+    best: QParams | None = None
+    best_err = None
+    for shrink in MSE_SHRINKS:
+        qp = fmt.fit(W, shrink)
+        W_r = fmt.dequantize(fmt.quantize(W, qp), qp)
+        err = (W_r - W).pow(2).reshape(W.shape[0], -1, unit or gl).sum(-1)  # [out, n_units]
+        if best is None:
+            best, best_err = qp, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        better = better.repeat_interleave(per_unit, dim=1)  # -> [out, n_groups]
+        best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero, best.zero))
+    assert best is not None
+    return best
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],
+                fmt: Format, **options: Any) -> LayerResult:
+    """GPTQ every linear in `weights` with the H of its input; one inverse per distinct input.
+
+    `shared` maps a linear to the key of its H in `hessians` (collect_hessians' second result).
+    A linear that no calibration token reached falls back to RTN, with a warning.
+    """
+    quantized: dict[str, QuantizedTensor] = {}
+    stats: dict[str, Any] = {"loss": {}, "rtn_loss": {}}
+    by_input: dict[str, list[str]] = {}
+    for n in weights:
+        if shared.get(n) in hessians:
+            by_input.setdefault(shared[n], []).append(n)
+        else:
+            log.warning("GPTQ: no calibration input reached %s; using round-to-nearest for it", n)
+            quantized[n] = fmt.encode(weights[n])
+            stats.setdefault("rtn_fallback", []).append(n)
+    for key, names in by_input.items():
+        H = hessians[key]
+        results = gptq_quantize_shared([weights[n] for n in names], H, fmt, **options)
+        for n, r in zip(names, results):
+            quantized[n] = r.quantized
+            stats["loss"][n] = r.loss
+            stats["rtn_loss"][n] = reconstruction_loss(weights[n], fmt.fake_quantize(weights[n]), H)
+            if r.damp != options.get("damp", 0.01):
+                stats.setdefault("damp", {})[n] = r.damp
+    return LayerResult({n: quantized[n] for n in weights}, stats=stats)
+
+
+class GPTQ(Method):
+    name = "gptq"
+    defaults = {
+        "block_size": 128,
+        "damp": 0.01,
+        "act_order": False,
+        "static_groups": False,
+        "true_act_order": False,
+        "observer": "minmax",
+    }
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        o = self.options
+        if o["observer"] not in OBSERVERS:
+            raise LowbitError(f"unknown observer {o['observer']!r}; choose one of {', '.join(OBSERVERS)}")
+        if o["true_act_order"] and o["static_groups"]:
+            raise LowbitError("--true-act-order fits groups dynamically; drop --static-groups "
+                              "(--act-order alone uses static groups)")
+        if int(o["block_size"]) < 1 or float(o["damp"]) < 0:
+            raise LowbitError("--block-size must be >= 1 and --damp >= 0")
+
+    def solver_options(self) -> dict[str, Any]:
+        o = self.options
+        return {"block_size": int(o["block_size"]), "damp": float(o["damp"]), "act_order": bool(o["act_order"]),
+                "static_groups": bool(o["static_groups"]), "true_act_order": bool(o["true_act_order"]),
+                "observer": o["observer"]}
+
+    def quantize_layer(self, layer, fmt: Format) -> LayerResult:
+        hessians, shared = collect_hessians(layer, list(layer.weights))
+        return solve_layer(layer.weights, hessians, shared, fmt, **self.solver_options())
+
+
+# -- awq+gptq --------------------------------------------------------------------------------------
+class _AWQScales(AWQ):
+    """AWQ's scale search, with H gathered over every calibration token (GPTQ solves with it)."""
+
+    def hessian_tokens(self) -> int:
+        return 0
+
+
+# AWQ's options minus its clipping search: under GPTQ the observer chooses every group's range.
+_AWQ_OPTIONS = {k: v for k, v in AWQ.defaults.items() if k not in ("clip", "clip_grid", "max_shrink")}
+
+
+class AWQGPTQ(Method):
+    """AWQ's per-channel scales searched and folded (awq.AWQ.plan), then GPTQ on the folded weights.
+
+    A folded linear computes W·diag(col) on inputs X / col, so its GPTQ problem is the folded W with
+    H / (col colᵀ) (what `scale_hessian` computes); folded norm weights and biases are the updates.
+    """
+
+    name = "awq+gptq"
+    defaults = {**_AWQ_OPTIONS, **GPTQ.defaults}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.awq = _AWQScales(**{k: self.options[k] for k in _AWQ_OPTIONS}, clip=False)
+        self.gptq = GPTQ(**{k: self.options[k] for k in GPTQ.defaults})
+
+    def quantize_layer(self, layer, fmt: Format) -> LayerResult:
+        plan = self.awq.plan(layer, fmt)
+        hessians: dict[str, torch.Tensor] = {}
+        shared: dict[str, str] = {}
+        for n in plan.state.weights:
+            rep = next(m for m in plan.state.weights if plan.keys[m] == plan.keys[n])
+            if not torch.equal(plan.state.col[n], plan.state.col[rep]):  # never within a balance group
+                rep = n
+            shared[n] = rep
+            if rep not in hessians:
+                hessians[rep] = 2 * plan.inputs(rep).H  # E[x xᵀ] in work space -> 2 XᵀX / n
+        result = solve_layer(plan.state.weights, hessians, shared, fmt, **self.gptq.solver_options())
+        return LayerResult(result.quantized, plan.state.updates, {"groups": plan.info, **result.stats})

@@ -1,0 +1,321 @@
+"""AWQ, DH-AWQ and awq-joint: invariants of the pure math, and every family end to end."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.algorithms import make_method
+from lowbit.algorithms.awq import (AWQ, ScaledLayer, awq_scales, clip_search, diagonal_blocks, flip_candidates, fold,
+                                   unfoldable)
+from lowbit.algorithms.awq_joint import cd_round, damped
+from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
+from lowbit.formats.int import IntFormat
+from lowbit.model.layer import LayerData
+from lowbit.model.stream import Batch, StreamedModel
+from conftest import ALL_FAMILIES, build_tiny_model
+
+METHODS = ["awq", "dh-awq", "awq-joint"]
+FMT = IntFormat(bits=4, group_size=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: torch's thread hand-offs cost more than the work, badly so on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- helpers: float activations of a tiny model, layer by layer ---------------------------------------
+def _streamed(model_dir, n_batches=2, seq=16):
+    """The model with all layers materialized, and calibration batches for each layer's input."""
+    model = StreamedModel(model_dir)
+    ids = torch.randint(3, 300, (n_batches, seq), generator=torch.Generator().manual_seed(1))
+    batches = [model.embed(ids[i:i + 1]) for i in range(n_batches)]
+    per_layer = []
+    with torch.no_grad():
+        for i in range(model.num_layers):
+            model.materialize(model.layer_path(i))
+            per_layer.append([Batch(b.hidden, b.layer_kwargs) for b in batches])
+            batches = [Batch(model.run_layer(i, b), b.layer_kwargs) for b in batches]
+    return model, per_layer
+
+
+def _layer(model, per_layer, i=0) -> LayerData:
+    return LayerData(i, model.layers[i], model.family, per_layer[i], model.linear_names(i),
+                     run=lambda b, i=i: model.run_layer(i, b))
+
+
+def _outputs(module, batches, i, weights=None, updates=None) -> torch.Tensor:
+    """Layer outputs on `batches`, with some weights / parameters replaced (on a copy)."""
+    m = copy.deepcopy(module)
+    for n, W in (weights or {}).items():
+        m.get_submodule(n).weight.data = W.to(m.get_submodule(n).weight.dtype)
+    for n, t in (updates or {}).items():
+        m.get_parameter(n).data = t.to(m.get_parameter(n).dtype)
+    with torch.no_grad():
+        outs = [m(b.hidden, **b.layer_kwargs[i]) for b in batches]
+    return torch.cat([(o[0] if isinstance(o, tuple) else o).float() for o in outs])
+
+
+@pytest.fixture(scope="module")
+def mha_models(tmp_path_factory, tiny_tokenizer_dir):
+    """Models without grouped-query attention, so v_proj -> o_proj scales fold too (qwen2: v has a bias)."""
+    root = tmp_path_factory.mktemp("mha")
+    return {f: build_tiny_model(f, root / f, tiny_tokenizer_dir, num_key_value_heads=4) for f in ("llama", "qwen2")}
+
+
+def _model_dir(family, tiny_models, mha_models):
+    return mha_models[family[:-4]] if family.endswith("-mha") else tiny_models[family]
+
+
+# -- scale folding ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ALL_FAMILIES + ["llama-mha", "qwen2-mha"])
+def test_folding_keeps_the_float_layer_output(family, tiny_models, mha_models):
+    model, per_layer = _streamed(_model_dir(family, tiny_models, mha_models))
+    layer = _layer(model, per_layer)
+    ref = _outputs(layer.module, per_layer[0], 0)
+
+    state = ScaledLayer.of(layer)
+    g = torch.Generator().manual_seed(0)
+    folded = []
+    for group in model.family.balance:
+        if unfoldable(layer, state, group) is None:
+            width = state.weights[group.linears[0]].shape[1]
+            fold(layer, state, group, torch.exp(torch.empty(width).uniform_(-1.5, 1.5, generator=g)))
+            folded.append(group.prev)
+    assert len(folded) >= len(model.family.balance) - 1  # only v -> o may not fold (GQA)
+    if family.endswith("-mha"):
+        assert "self_attn.v_proj" in folded and any(k.endswith("v_proj.bias") for k in state.updates) == (
+            family == "qwen2-mha")
+    out = _outputs(layer.module, per_layer[0], 0, state.weights, state.updates)
+    assert not torch.equal(state.weights[model.family.balance[0].linears[0]],
+                           layer.weights[model.family.balance[0].linears[0]])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+    # the scales AWQ itself searches (quantization left out of the output): the float output holds too
+    plan = AWQ(n_grid=5).plan(layer, FMT)
+    assert plan.info, "no balance group was searched"
+    torch.testing.assert_close(_outputs(layer.module, per_layer[0], 0, plan.state.weights, plan.state.updates),
+                               ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gemma_norm_folds_as_one_plus_w(tiny_models):
+    model, per_layer = _streamed(tiny_models["gemma2"])
+    layer = _layer(model, per_layer)
+    state = ScaledLayer.of(layer)
+    group = model.family.balance[0]
+    s = torch.full((64,), 2.0)
+    fold(layer, state, group, s)
+    w = layer.param(group.prev + ".weight")
+    torch.testing.assert_close(1 + state.updates[group.prev + ".weight"], (1 + w) / 2)
+
+
+# -- AWQ invariants ----------------------------------------------------------------------------------------
+def test_awq_scales_alpha_zero_are_ones_and_normalised():
+    x = torch.rand(64) * 10
+    assert torch.equal(awq_scales(x, 0.0), torch.ones(64))
+    s = awq_scales(x, 0.7)
+    assert math.isclose(float(s.max() * s.min()), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_awq_with_alpha_zero_and_no_clipping_is_rtn(family, tiny_models):
+    model, per_layer = _streamed(tiny_models[family])
+    layer = _layer(model, per_layer)
+    awq = make_method("awq", {"n_grid": 1, "clip": False}).quantize_layer(layer, FMT)
+    rtn = make_method("rtn").quantize_layer(layer, FMT)
+    assert awq.updates == {}
+    assert awq.quantized.keys() == rtn.quantized.keys()
+    for n, qt in rtn.quantized.items():
+        assert torch.equal(awq.quantized[n].W_q, qt.W_q), n
+        assert torch.equal(awq.quantized[n].qparams.scale, qt.qparams.scale), n
+        assert torch.equal(awq.quantized[n].qparams.zero, qt.qparams.zero), n
+
+
+def test_clip_search_picks_the_best_ratio_per_group():
+    torch.manual_seed(0)
+    W = torch.randn(8, 64)
+    W[:, 3] = 6.0  # an outlier stretches its group's range: shrinking it pays off there
+    X = torch.randn(500, 64)
+    H = X.T @ X / 500
+    ratios = [1.0, 0.9, 0.8, 0.7, 0.6]
+    clip, err = clip_search(W, H, FMT, ratios)
+    blocks = diagonal_blocks(H, 32)
+    for o in range(8):
+        for g in range(2):
+            errs = []
+            for r in ratios:
+                Wr = FMT.fake_quantize(W, r)
+                d = (Wr - W)[o, g * 32:(g + 1) * 32]
+                errs.append(float(d @ blocks[g] @ d))
+            assert clip[o, g] == ratios[min(range(len(errs)), key=errs.__getitem__)]
+            assert math.isclose(float(err[o, g]), min(errs), rel_tol=1e-4)
+
+
+# -- DH rounding -----------------------------------------------------------------------------------------
+def _greedy_reference(b, impact, allowed, budget):
+    """The greedy rule one row and one flip at a time, in plain Python."""
+    out, n = impact.shape
+    flipped = torch.zeros(out, n, dtype=torch.bool)
+    b_after = b.clone()
+    for r in range(out):
+        cur = b[r].clone()
+        used = set()
+        for _ in range(budget):
+            best_j, best_v = None, None
+            for j in range(n):
+                if not allowed[r, j] or j in used:
+                    continue
+                v = (cur + impact[r, j]).abs()
+                if best_v is None or v < best_v:
+                    best_j, best_v = j, v
+            if best_j is None or not best_v < cur.abs():
+                break
+            cur = cur + impact[r, best_j]
+            used.add(best_j)
+            flipped[r, best_j] = True
+        b_after[r] = cur
+    return flipped, b_after
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_flips_equal_the_slow_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    out, n = 6, 40
+    impact = torch.randn(out, n, generator=g)
+    if seed == 3:  # integer impacts: many ties, broken the same way (lowest column)
+        impact = torch.randint(-3, 4, (out, n), generator=g).float()
+    b = torch.randn(out, generator=g) * 4
+    allowed = torch.rand(out, n, generator=g) > 0.3
+    for budget in (1, 3, 50):
+        fast = greedy_flips(b, impact, allowed, budget)
+        slow = _greedy_reference(b, impact, allowed, budget)
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_dh_flips_shrink_b_within_budget_and_spare_outliers(sym):
+    torch.manual_seed(0)
+    fmt = IntFormat(bits=4, group_size=32, sym=sym)
+    W = torch.randn(48, 128) * 0.05
+    mu = torch.randn(128) * 0.2
+    mu[[5, 70]] = 8.0
+    outliers = mu.abs() > knee_threshold(mu.abs())
+    assert outliers[5] and outliers[70] and outliers.sum() < 20
+    qp = fmt.fit(W, 0.9)
+    W_q0 = fmt.quantize(W, qp)
+    budget = flip_budget(128, 0.05)
+    W_q, info = dh_round(W, W_q0, qp, fmt, mu, outliers, budget)
+    b0 = (fmt.dequantize(W_q0, qp) - W) @ mu
+    b1 = (fmt.dequantize(W_q, qp) - W) @ mu
+    assert (b1.abs() <= b0.abs() + 1e-7).all() and b1.abs().sum() < b0.abs().sum()
+    changed = W_q != W_q0
+    assert (changed.sum(1) <= budget).all() and info["flips"] == int(changed.sum())
+    assert not changed[:, outliers].any()
+    # every flip went to the other neighbouring grid point, on the far side of W
+    codes, _, valid = flip_candidates(W, W_q0, qp, fmt)
+    assert torch.equal(W_q[changed], codes[changed]) and valid[changed].all()
+    assert ((W_q.int() - W_q0.int()).abs() <= 1).all()
+
+
+def test_knee_threshold_marks_the_tail_and_handles_flat_curves():
+    m = torch.cat([torch.rand(500), torch.tensor([20.0, 30.0, 40.0])])
+    t = knee_threshold(m)
+    assert (m > t).sum() <= 10 and (m > t)[-3:].all()
+    assert knee_threshold(torch.ones(100)) == math.inf
+    assert knee_threshold(m, tolerance=1.0) == float(m.max())
+
+
+# -- coordinate-descent rounding --------------------------------------------------------------------------
+def test_cd_rounding_with_identity_hessian_is_rtn_and_never_raises_the_loss():
+    torch.manual_seed(0)
+    W = torch.randn(16, 64)
+    qp = FMT.fit(W, 0.9)
+    W_q = FMT.quantize(W, qp)
+    assert torch.equal(cd_round(W, W_q, qp, FMT, torch.eye(64), sweeps=2)[0], W_q)
+    X = torch.randn(200, 64) @ torch.randn(64, 64) + 0.5  # correlated inputs with a mean
+    H = damped(X.T @ X / 200, 0.01)
+    loss = lambda codes: float((((FMT.dequantize(codes, qp) - W) @ H) * (FMT.dequantize(codes, qp) - W)).sum())
+    one, moved = cd_round(W, W_q, qp, FMT, H, sweeps=1)
+    two, _ = cd_round(W, W_q, qp, FMT, H, sweeps=3)
+    assert moved > 0 and loss(two) <= loss(one) < loss(W_q)
+
+
+# -- every method, every family -----------------------------------------------------------------------------
+def _layer_mse(layer, per_layer, i, result) -> float:
+    ref = _outputs(layer.module, per_layer[i], i)
+    W = {n: qt.dequantize() for n, qt in result.quantized.items()}
+    return float(((_outputs(layer.module, per_layer[i], i, W, result.updates) - ref) ** 2).mean())
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_each_layer_reconstructs_no_worse_than_rtn(family, tiny_models):
+    model, per_layer = _streamed(tiny_models[family], n_batches=2, seq=32)
+    for i in range(model.num_layers):
+        layer = _layer(model, per_layer, i)
+        rtn = _layer_mse(layer, per_layer, i, make_method("rtn").quantize_layer(layer, FMT))
+        for m in METHODS:
+            mse = _layer_mse(layer, per_layer, i, make_method(m).quantize_layer(layer, FMT))
+            assert mse <= rtn, f"{m} layer {i}: {mse:.3g} > RTN {rtn:.3g}"
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    """A slice of the default calibration text: tokenizing all of it would dominate these tests."""
+    from lowbit.data import load_text
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(load_text("default").text[:20_000])
+    return str(p)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_end_to_end_every_family(family, method, tiny_models, calib_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    src = tiny_models[family]
+    out = lowbit.quantize(src, tmp_path / "o", method=method, group_size=32, n_calib=4, seq_len=32,
+                          calib_dataset=calib_text, export_format="fake", progress=False)
+    meta = json.loads((out / "lowbit.json").read_text())
+    assert meta["recipe"]["method"] == method and meta["layer_stats"]["00000"]["groups"]
+    a, b = load_file(out / "model.safetensors"), load_file(src / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a if "norm" in k)  # scales were folded into norms
+    m = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=torch.randint(3, 300, (1, 12))).logits).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lm_head_in_chunks(method, tiny_llama, calib_text, tmp_path):
+    """lm_head has no balance group: it gets the clipping and rounding alone, chunk by chunk."""
+    from safetensors.torch import load_file
+    out = lowbit.quantize(tiny_llama, tmp_path / "o", method=method, group_size=32, n_calib=4, seq_len=32,
+                          calib_dataset=calib_text, quantize_lm_head=True, lmhead_chunks=2, export_format="fake",
+                          progress=False)
+    a, b = load_file(out / "model.safetensors"), load_file(tiny_llama / "model.safetensors")
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+    assert torch.allclose(a["lm_head.weight"], b["lm_head.weight"], atol=0.05)
+
+
+def test_folded_v_bias_reaches_compressed_tensors(mha_models, calib_text, tmp_path):
+    """qwen2 without GQA: v -> o folds into v_proj's weight rows and bias; both exports agree."""
+    from lowbit.eval.evaluate import load_causal_lm
+    from safetensors.torch import load_file
+    src = mha_models["qwen2"]
+    kw = dict(method="awq", group_size=32, n_calib=4, seq_len=32, calib_dataset=calib_text, progress=False)
+    ct = lowbit.quantize(src, tmp_path / "ct", **kw)
+    fake = lowbit.quantize(src, tmp_path / "fake", export_format="fake", **kw)
+    bias = "model.layers.0.self_attn.v_proj.bias"
+    assert not torch.equal(load_file(ct / "model.safetensors")[bias], load_file(src / "model.safetensors")[bias])
+    ids = torch.randint(3, 300, (2, 16))
+    with torch.no_grad():
+        a, b = (load_causal_lm(str(p))[0](input_ids=ids).logits for p in (ct, fake))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
