@@ -67,8 +67,19 @@ def _outputs(module, batches, i, weights=None, updates=None) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def mha_models(tmp_path_factory, tiny_tokenizer_dir):
     """Models without grouped-query attention, so v_proj -> o_proj scales fold too (qwen2: v has a bias)."""
+    from transformers import AutoModelForCausalLM
     root = tmp_path_factory.mktemp("mha")
-    return {f: build_tiny_model(f, root / f, tiny_tokenizer_dir, num_key_value_heads=4) for f in ("llama", "qwen2")}
+    dirs = {f: build_tiny_model(f, root / f, tiny_tokenizer_dir, num_key_value_heads=4) for f in ("llama", "qwen2")}
+    model = AutoModelForCausalLM.from_pretrained(dirs["qwen2"])
+    with torch.no_grad():  # non-zero biases, so a bias left unfolded shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    # saved to a new directory: the loaded tensors may still map the old file
+    biased = build_tiny_model("qwen2", root / "qwen2-biased", tiny_tokenizer_dir, num_key_value_heads=4)
+    model.save_pretrained(biased)
+    dirs["qwen2"] = biased
+    return dirs
 
 
 def _model_dir(family, tiny_models, mha_models):
@@ -319,3 +330,17 @@ def test_folded_v_bias_reaches_compressed_tensors(mha_models, calib_text, tmp_pa
     with torch.no_grad():
         a, b = (load_causal_lm(str(p))[0](input_ids=ids).logits for p in (ct, fake))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt_name", ["nf4", "mxfp4", "nvfp4", "fp8_e4m3", "gguf:q4_0", "gguf:q8_0"])
+def test_other_formats_reconstruct_no_worse_than_rtn(fmt_name, tiny_models):
+    """AWQ needs only fit / quantize / dequantize of a format: codebooks, fp grids, GGUF blocks."""
+    from lowbit.formats import FORMATS
+    fmt = FORMATS[fmt_name](group_size=32)
+    model, per_layer = _streamed(tiny_models["llama"], n_batches=2, seq=32)
+    layer = _layer(model, per_layer, 0)
+    rtn = _layer_mse(layer, per_layer, 0, make_method("rtn").quantize_layer(layer, fmt))
+    for m in METHODS:
+        result = make_method(m).quantize_layer(layer, fmt)
+        assert all(qt.format.name == fmt_name for qt in result.quantized.values())
+        assert _layer_mse(layer, per_layer, 0, result) <= rtn, m

@@ -8,9 +8,8 @@ from hypothesis import given, settings, strategies as st
 from lowbit.export.compressed_tensors import convert, layout
 from lowbit.formats import IntFormat
 
-shapes = st.tuples(st.integers(1, 9), st.sampled_from([32, 64, 96, 128]))
-settings.register_profile("lowbit", max_examples=40, deadline=None)
-settings.load_profile("lowbit")
+# rows in multiples of 8: zero points are packed along the output dim, 32/bits rows to a word
+shapes = st.tuples(st.integers(1, 4).map(lambda k: 8 * k), st.sampled_from([32, 64, 96, 128]))
 
 
 def _weights(seed: int, shape, scale: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..formats import Format, QParams
+from ..formats import Format, QParams, QuantizedTensor
 from .awq import AWQ, InputStats, flip_candidates
 
 
@@ -42,7 +42,8 @@ def flip_budget(in_features: int, max_flip_percent: float) -> int:
     return 0 if max_flip_percent <= 0 else max(1, int(max_flip_percent * in_features))
 
 
-def greedy_flips(b: torch.Tensor, impact: torch.Tensor, allowed: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_flips(b: torch.Tensor, impact: torch.Tensor, allowed: torch.Tensor,
+                 budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The global greedy rule, all rows at once: each step every row takes the allowed flip that
     leaves |b| smallest if that is smaller than |b| now (ties: lowest column), else stops for good.
 
@@ -86,13 +87,13 @@ class DHAWQ(AWQ):
     name = "dh-awq"
     defaults = {**AWQ.defaults, "knee_tolerance": 0.0, "max_flip_percent": 0.01}
 
-    def round_codes(self, W: torch.Tensor, qp: QParams, fmt: Format, X: InputStats, name: str,
-                    stats: dict | None = None) -> torch.Tensor:
+    def round(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, name: str,
+              stats: dict | None = None) -> QuantizedTensor:
         threshold = knee_threshold(X.mean.abs(), self.options["knee_tolerance"])
         outliers = X.mean.abs() > threshold
         budget = flip_budget(W.shape[1], self.options["max_flip_percent"])
-        W_q, info = dh_round(W, fmt.quantize(W, qp), qp, fmt, X.mean, outliers, budget)
+        W_q, info = dh_round(W, qt.W_q, qt.qparams, qt.format, X.mean, outliers, budget)
         if stats is not None:
             stats.update(knee=None if math.isinf(threshold) else threshold,
                          outlier_pct=100 * float(outliers.float().mean()), **info)
-        return W_q
+        return QuantizedTensor(W_q, qt.qparams, qt.format)
