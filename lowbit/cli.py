@@ -12,20 +12,21 @@ from .eval.commands import COMMANDS as EVAL_TOOLS  # inspect, size, gate, recomm
 
 
 def _method_flags(p: argparse.ArgumentParser) -> None:
-    """Every option of every registered method becomes a flag (default: the method's own)."""
+    """Every option of every registered method becomes a flag; unset flags keep each method's default."""
     from .algorithms import METHODS
-    seen: dict[str, object] = {}
+    defaults: dict[str, dict[str, object]] = {}
     for cls in METHODS.values():
         for key, default in cls.defaults.items():
-            if key in seen:
-                continue
-            seen[key] = default
-            flag = "--" + key.replace("_", "-")
-            if isinstance(default, bool):
-                p.add_argument(flag, dest=f"opt_{key}", action=argparse.BooleanOptionalAction, default=None)
-            else:
-                p.add_argument(flag, dest=f"opt_{key}", type=type(default) if default is not None else str,
-                               default=None, help=f"{cls.name} option (default {default})")
+            defaults.setdefault(key, {})[cls.name] = default
+    for key, per_method in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        sample = next(iter(per_method.values()))
+        help_ = "default: " + ", ".join(f"{v} ({m})" for m, v in per_method.items())
+        if isinstance(sample, bool):
+            p.add_argument(flag, dest=f"opt_{key}", action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=f"opt_{key}", type=type(sample) if sample is not None else str,
+                           default=None, help=help_)
 
 
 def _add_fetch(sub) -> None:

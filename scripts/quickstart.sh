@@ -7,4 +7,4 @@ bash scripts/setup.sh
 MODEL=$(.venv/bin/lowbit -q fetch smollm2-135m)
 OUT=${OUT:-$HOME/.cache/lowbit/runs/smollm2-135m-rtn-w4g64}
 .venv/bin/lowbit quantize --model-path "$MODEL" --output-dir "$OUT" --method rtn --bits 4 --group-size 64 --overwrite
-.venv/bin/lowbit -q eval --model-path "$OUT" --base "$MODEL" --text moby-dick --ctx 512 --n-windows 40
+.venv/bin/lowbit -q eval --model-path "$OUT" --base "$MODEL" --text moby-dick --ctx 512 --n-windows 40 --no-cache

@@ -405,7 +405,7 @@ class AWQ(Method):
 
     name = "awq"
     defaults = {"n_grid": 20, "salience": "l2", "duo_scaling": False, "clip": True, "clip_grid": 20,
-                "max_shrink": 0.5, "search_tokens": 0}
+                "max_shrink": 0.5, "search_tokens": 8192}
 
     def __init__(self, **options):
         super().__init__(**options)

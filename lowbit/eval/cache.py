@@ -3,17 +3,18 @@
 Scoring N candidates against one base then costs N forward passes instead of 2N, and a later
 run with the same base, text, context and windows costs none for the base.
 
-Storage decision (measured, see `kld_storage_error` and tests/test_eval_tools.py): full-vocab
-log-probabilities in float16 shift the mean KLD by 1e-4 to 1e-2 relative on realistic logits
-(bfloat16: up to 0.3) — the rounding step of a log-prob near 0 is already ~1e-4 nats, the size of
-a good 8-bit model's whole KLD. Only float32 meets the < 1e-4 requirement, so the cache holds
-float32 logits, one safetensors file per window, and candidates score bit-for-bit as if the base
-had been run alongside them.
+Storage decision: full-vocab log-probabilities in float16 shift the mean KLD by 1e-4 to 1e-2
+relative on realistic logits (bfloat16: up to 0.3; see `kld_storage_error`), and float32 logits
+cost ctx × vocab × 4 bytes a window (4 GiB for 40 windows of SmolLM2, 10 GiB for a 128k vocabulary).
+So the cache keeps the base's final hidden states in float32 (ctx × hidden × 4 bytes: 100–200×
+smaller) plus its output head once, and rebuilds exact float32 logits with `BaseHead` — the same
+function the uncached path uses, so both give identical figures.
 
 Layout of ``<root>/<key>/``:
-  meta.json                 what the key stands for (base, text, ctx, windows, vocab)
-  windows.safetensors       ids   int64   [n_windows, ctx]
-  logits-00000.safetensors  logits float32 [ctx, vocab]   (one file per window)
+  meta.json                 what the key stands for (base, text, ctx, windows, head)
+  windows.safetensors       ids    int64   [n_windows, ctx]
+  head.safetensors          weight float32 [vocab, hidden] (+ bias [vocab])
+  hidden-00000.safetensors  hidden float32 [ctx, hidden]   (one file per window)
 
 The key hashes the base checkpoint's content (config and weights), the text's sha256, ctx and the
 exact token ids of the windows (so a tokenizer change is a different key).
@@ -36,7 +37,7 @@ from ..paths import atomic_dir
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _HASHED_FILES = ("config.json", "*.safetensors")
 
 
@@ -89,69 +90,118 @@ def cache_key(base_hash: str, text_sha: str, ctx: int, windows: torch.Tensor) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+# -- the head -----------------------------------------------------------------------------------
+class BaseHead:
+    """Logits from final hidden states: lm_head (+ bias), then Gemma's soft-capping if configured.
+
+    Shapes: hidden [..., hidden] -> logits [..., vocab] float32.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, softcap: float | None = None):
+        self.weight, self.bias, self.softcap = weight.float(), None if bias is None else bias.float(), softcap
+
+    @classmethod
+    def of(cls, model) -> "BaseHead":
+        head = model.get_output_embeddings()
+        softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        return cls(head.weight.detach(), None if head.bias is None else head.bias.detach(), softcap)
+
+    def to(self, device) -> "BaseHead":
+        return BaseHead(self.weight.to(device), None if self.bias is None else self.bias.to(device), self.softcap)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def final_hidden(model, ids: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """The base's final hidden states for `ids` [b, ctx] -> [b, ctx, hidden] float32.
+
+    With `check`, refuse a model whose own logits are not `BaseHead` of these hidden states
+    (an architecture with extra output scaling), since the cache could not reproduce them.
+    """
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state.float()
+    if check:
+        ref = model(input_ids=ids[:1]).logits.float()
+        got = BaseHead.of(model)(hidden[:1])
+        if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())):
+            raise LowbitError(f"{type(model).__name__}'s logits are not its output head applied to its final "
+                              "hidden states; lowbit cannot evaluate this architecture against a base yet")
+    return hidden
+
+
 # -- the cache ----------------------------------------------------------------------------------
 class BaseLogitsCache:
-    """Read access to one cached set of base logits (see the module docstring for the layout)."""
+    """Read access to one cached set of base hidden states (see the module docstring for the layout)."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.meta = json.loads((self.dir / "meta.json").read_text())
         with safe_open(self.dir / "windows.safetensors", framework="pt") as f:
             self.windows = f.get_tensor("ids")
+        with safe_open(self.dir / "head.safetensors", framework="pt") as f:
+            self.head = BaseHead(f.get_tensor("weight"), f.get_tensor("bias") if "bias" in f.keys() else None,
+                                 self.meta.get("softcap"))
 
     @staticmethod
     def is_complete(directory: Path) -> bool:
         d = Path(directory)
         if not (d / "meta.json").is_file():
             return False
-        n = json.loads((d / "meta.json").read_text()).get("n_windows", -1)
-        return all((d / _logits_name(i)).is_file() for i in range(n))
+        meta = json.loads((d / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION:
+            return False
+        return (d / "head.safetensors").is_file() and all(
+            (d / _hidden_name(i)).is_file() for i in range(meta.get("n_windows", -1)))
 
-    def logits(self, i: int) -> torch.Tensor:
-        """Base logits of window i. Shapes: -> [ctx, vocab] float32."""
-        with safe_open(self.dir / _logits_name(i), framework="pt") as f:
-            return f.get_tensor("logits")
+    def hidden(self, i: int) -> torch.Tensor:
+        """Final hidden states of window i. Shapes: -> [ctx, hidden] float32."""
+        with safe_open(self.dir / _hidden_name(i), framework="pt") as f:
+            return f.get_tensor("hidden")
 
-    def logits_batch(self, rows: Iterable[int]) -> torch.Tensor:
-        return torch.stack([self.logits(i) for i in rows])
+    def logits_batch(self, rows: Iterable[int], device="cpu") -> torch.Tensor:
+        """Base logits of the given windows. Shapes: -> [len(rows), ctx, vocab] float32."""
+        return self.head.to(device)(torch.stack([self.hidden(i) for i in rows]).to(device))
 
     @property
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.dir.iterdir() if f.is_file())
 
 
-def _logits_name(i: int) -> str:
-    return f"logits-{i:05d}.safetensors"
+def _hidden_name(i: int) -> str:
+    return f"hidden-{i:05d}.safetensors"
 
 
-def build_cache(directory: Path, windows: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
-                batch_size: int, meta: dict, progress: Callable[[Iterable], Iterable] = lambda x: x
-                ) -> BaseLogitsCache:
-    """Run `forward` on `windows` batch by batch and write the cache atomically to `directory`.
+def build_cache(directory: Path, windows: torch.Tensor, model, batch_size: int, meta: dict,
+                progress: Callable[[Iterable], Iterable] = lambda x: x, device="cpu") -> BaseLogitsCache:
+    """Run the base `model` on `windows` batch by batch and write the cache atomically to `directory`.
 
-    Shapes: windows [n, ctx] int64; forward(ids [b, ctx]) -> logits [b, ctx, vocab].
+    Shapes: windows [n, ctx] int64.
     """
     n = int(windows.shape[0])
+    head = BaseHead.of(model)
     with atomic_dir(directory) as tmp:
         save_file({"ids": windows.contiguous()}, tmp / "windows.safetensors")
-        vocab = None
+        save_file({"weight": head.weight.cpu().contiguous(),
+                   **({} if head.bias is None else {"bias": head.bias.cpu().contiguous()})}, tmp / "head.safetensors")
         for start in progress(range(0, n, batch_size)):
-            logits = forward(windows[start:start + batch_size]).float().cpu()
-            vocab = int(logits.shape[-1])
-            for j in range(logits.shape[0]):
-                save_file({"logits": logits[j].contiguous()}, tmp / _logits_name(start + j))
+            hidden = final_hidden(model, windows[start:start + batch_size].to(device), check=start == 0).cpu()
+            for j in range(hidden.shape[0]):
+                save_file({"hidden": hidden[j].contiguous()}, tmp / _hidden_name(start + j))
         (tmp / "meta.json").write_text(json.dumps(
             {**meta, "version": CACHE_VERSION, "n_windows": n, "ctx": int(windows.shape[1]),
-             "vocab": vocab, "dtype": "float32"}, indent=2))
+             "vocab": int(head.weight.shape[0]), "softcap": head.softcap, "dtype": "float32"}, indent=2))
     return BaseLogitsCache(directory)
 
 
-def open_or_build(root: Path, key: str, windows: torch.Tensor, forward_factory: Callable[[], Callable],
-                  batch_size: int, meta: dict, progress=lambda x: x) -> tuple[BaseLogitsCache, bool]:
-    """The cache for `key` under `root`, built with `forward_factory()` if absent or stale.
+def open_or_build(root: Path, key: str, windows: torch.Tensor, model_factory: Callable[[], object],
+                  batch_size: int, meta: dict, progress=lambda x: x, device="cpu") -> tuple[BaseLogitsCache, bool]:
+    """The cache for `key` under `root`, built with the model `model_factory()` loads if absent or stale.
 
-    Returns (cache, hit). `forward_factory` is called only on a miss, so the base model is loaded
-    only when its logits are not on disk yet.
+    Returns (cache, hit). `model_factory` is called only on a miss, so the base model is loaded
+    only when its hidden states are not on disk yet.
     """
     d = Path(root) / key
     if BaseLogitsCache.is_complete(d):
@@ -160,8 +210,8 @@ def open_or_build(root: Path, key: str, windows: torch.Tensor, forward_factory: 
             log.info("base logits from cache %s", d)
             return cache, True
         log.warning("cache %s holds other windows than its key promises; rebuilding it", d)
-    log.info("computing base logits once into %s", d)
-    return build_cache(d, windows, forward_factory(), batch_size, meta, progress), False
+    log.info("computing base hidden states once into %s", d)
+    return build_cache(d, windows, model_factory(), batch_size, meta, progress, device), False
 
 
 # -- the storage decision, as a measurement ----------------------------------------------------

@@ -1,7 +1,8 @@
-"""Many candidates against one base: base logits from the on-disk cache, window-bootstrap CIs.
+"""Many candidates against one base: base logits rebuilt from cached hidden states, window-bootstrap CIs.
 
-`evaluate_many` gives the same figures as `evaluate` (bit for bit: the cache stores the float32
-logits the base produced), plus 95% confidence intervals from resampling windows.
+`evaluate_many` gives the figures `evaluate` gives (to float32 rounding: base logits are the output
+head applied to the base's final hidden states, cached or not), plus 95% confidence intervals from
+resampling windows.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..errors import LowbitError
 from ..model.source import model_size_bytes, resolve_model_dir
 from ..paths import cache_dir
 from .bootstrap import CI_FIGURES, bootstrap_ci, window_sums
-from .cache import cache_key, checkpoint_hash, open_or_build
+from .cache import BaseHead, cache_key, checkpoint_hash, final_hidden, open_or_build
 from .evaluate import EvalResult, _refuse_calibration_overlap, load_causal_lm
 from .metrics import TokenStats, summarize, token_stats
 
@@ -58,20 +59,20 @@ def evaluate_many(model_paths: list[str], base_path: str, text: str = "moby-dick
         root.mkdir(parents=True, exist_ok=True)
         key = cache_key(checkpoint_hash(base_dir, root / "checkpoint-hashes.json"), src.sha256, ctx, windows)
 
-        def base_forward():  # called only when the logits are not on disk yet
-            _check_disk(root, n * ctx * _vocab_size(base_dir) * 4)
-            base, _ = load_causal_lm(str(base_path), device)
-            return lambda ids: base(input_ids=ids.to(device)).logits
+        def base_model():  # called only when the base is not on disk yet
+            _check_disk(root, n * ctx * _hidden_size(base_dir) * 4)
+            return load_causal_lm(str(base_path), device)[0]
 
         bar = lambda it: tqdm(it, desc="base", unit="batch", disable=not progress)  # noqa: E731
         meta = {"base": str(base_path), "base_dir": str(base_dir), "text": src.name, "text_sha256": src.sha256}
-        cache, hit = open_or_build(root, key, windows, base_forward, batch_size, meta, bar)
-        log.info("base logits %s %s (%.1f MiB)", "reused from" if hit else "written to", cache.dir,
+        cache, hit = open_or_build(root, key, windows, base_model, batch_size, meta, bar, device)
+        log.info("base hidden states %s %s (%.1f MiB)", "reused from" if hit else "written to", cache.dir,
                  cache.nbytes / 2**20)
-        base_logits = lambda start, ids: cache.logits_batch(range(start, start + ids.shape[0])).to(device)  # noqa: E731
+        base_logits = lambda start, ids: cache.logits_batch(range(start, start + ids.shape[0]), device)  # noqa: E731
     else:  # no disk: the base stays loaded and runs again beside every candidate
         base, _ = load_causal_lm(str(base_path), device)
-        base_logits = lambda start, ids: base(input_ids=ids).logits.float()  # noqa: E731
+        head = BaseHead.of(base)
+        base_logits = lambda start, ids: head(final_hidden(base, ids, check=start == 0))  # noqa: E731
 
     results = []
     for path, d in zip(model_paths, cand_dirs):
@@ -87,18 +88,18 @@ def evaluate_many(model_paths: list[str], base_path: str, text: str = "moby-dick
     return results
 
 
-def _vocab_size(model_dir: Path) -> int:
+def _hidden_size(model_dir: Path) -> int:
     from transformers import AutoConfig
-    return int(AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size)
+    return int(AutoConfig.from_pretrained(model_dir).get_text_config().hidden_size)
 
 
 def _check_disk(root: Path, need: int) -> None:
     free = shutil.disk_usage(root).free
     if free < need * 1.05 + 2**30:
-        raise LowbitError(f"the base logits need {need / 2**30:.1f} GiB in {root} but only {free / 2**30:.1f} GiB "
+        raise LowbitError(f"the base hidden states need {need / 2**30:.1f} GiB in {root} but only {free / 2**30:.1f} GiB "
                           "are free; use --no-cache (no disk, the base runs beside each candidate), fewer "
                           "--n-windows, or point LOWBIT_CACHE at a larger disk")
-    log.info("caching %.1f GiB of base logits in %s", need / 2**30, root)
+    log.info("caching %.2f GiB of base hidden states in %s", need / 2**30, root)
 
 
 def _score(path: str, base_logits: Callable[[int, torch.Tensor], torch.Tensor], windows: torch.Tensor,
