@@ -87,6 +87,15 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
     return {f: build_tiny_model(f, root / f, tiny_tokenizer_dir) for f in ALL_FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory) -> str:
+    """A slice of the default calibration text: tokenizing all of it would dominate tiny-model runs."""
+    from lowbit.data import load_text
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(load_text("default").text[:20_000])
+    return str(p)
+
+
 @pytest.fixture
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]

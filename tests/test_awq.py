@@ -277,15 +277,6 @@ def test_each_layer_reconstructs_no_worse_than_rtn(family, tiny_models):
             assert mse <= rtn, f"{m} layer {i}: {mse:.3g} > RTN {rtn:.3g}"
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    """A slice of the default calibration text: tokenizing all of it would dominate these tests."""
-    from lowbit.data import load_text
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(load_text("default").text[:20_000])
-    return str(p)
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_end_to_end_every_family(family, method, tiny_models, calib_text, tmp_path):

@@ -23,13 +23,9 @@ QUICK = dict(n_calib=4, seq_len=32, progress=False)
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> dict:
-    """QUICK plus a short local calibration text: tokenizing the whole embedded text dominates
-    a tiny model's run (the windows still come from real text)."""
-    from lowbit.data import load_text
-    f = tmp_path_factory.mktemp("calib") / "calib.txt"
-    f.write_text(load_text("default").text[:20_000])
-    return dict(QUICK, calib_dataset=str(f))
+def calib(calib_text) -> dict:
+    """QUICK plus a short local calibration text (see conftest.calib_text)."""
+    return dict(QUICK, calib_dataset=calib_text)
 GRIDS = [(4, 32, False), (4, 16, True), (3, 0, False), (2, 32, True), (8, 64, False)]
 VARIANTS = [{}, {"act_order": True}, {"static_groups": True}, {"true_act_order": True}, {"observer": "mse"},
             {"act_order": True, "observer": "mse"}, {"block_size": 24}]

@@ -19,13 +19,9 @@ QUICK = dict(n_calib=4, seq_len=32, progress=False)
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> dict:
-    """QUICK plus a short local calibration text: tokenizing the whole embedded text dominates
-    a tiny model's run (the windows still come from real text)."""
-    from lowbit.data import load_text
-    f = tmp_path_factory.mktemp("calib") / "calib.txt"
-    f.write_text(load_text("default").text[:20_000])
-    return dict(QUICK, calib_dataset=str(f))
+def calib(calib_text) -> dict:
+    """QUICK plus a short local calibration text (see conftest.calib_text)."""
+    return dict(QUICK, calib_dataset=calib_text)
 
 
 def decode_gptq_v1(qweight, qzeros, scales, g_idx, bits):

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from ..errors import LowbitError
 from ..paths import atomic_dir
+from ..provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,6 @@ _HASHED_FILES = ("config.json", "*.safetensors")
 
 
 # -- keys ---------------------------------------------------------------------------------------
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_hash(model_dir: Path, memo_file: Path | None = None) -> str:
     """sha256 over the content of config.json and every safetensors file of `model_dir`.
 
@@ -72,7 +65,7 @@ def checkpoint_hash(model_dir: Path, memo_file: Path | None = None) -> str:
         st = f.stat()
         tag = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if tag not in memo:
-            memo[tag] = _sha256_file(f)
+            memo[tag] = sha256_file(f)
             changed = True
         h.update(f"{f.name}:{memo[tag]}\n".encode())
     if memo_file is not None and changed:

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import LowbitError
-from .gate import results_list
+from .gate import _num, results_list
 from .inspect import layer_of
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,6 @@ class Candidate:
     @property
     def kld(self) -> float | None:
         return _num(self.metrics.get("kld_mean"))
-
-
-def _num(x) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 # -- pure analysis ------------------------------------------------------------------------------
