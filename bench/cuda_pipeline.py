@@ -22,9 +22,12 @@ import lowbit
 from common import table
 
 
-def build_random(config_dir: Path, out: Path, dtype: torch.dtype) -> Path:
+def build_random(config_dir: Path, out: Path, dtype: torch.dtype, num_layers: int | None) -> Path:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=dtype)
+    config = AutoConfig.from_pretrained(config_dir)
+    if num_layers:
+        config.num_hidden_layers = num_layers
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(config_dir).save_pretrained(out)
     return out
@@ -37,11 +40,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--num-layers", type=int, default=None, help="override the config's layer count")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_random(args.config_dir, Path(tmp) / "base", getattr(torch, args.dtype))
+        base = build_random(args.config_dir, Path(tmp) / "base", getattr(torch, args.dtype), args.num_layers)
         for method in args.methods:
             res = {}
             for device in ("cuda", "cpu"):
@@ -58,7 +62,7 @@ def main() -> None:
                          "cuda_peak_gib": meta["peak_memory"].get("cuda_bytes", 0) / 2**30,
                          "kld_mean": ev["kld_mean"], "top1": ev["top1"]})
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  model: random weights, "
-          f"config {args.config_dir.name}, {args.dtype}")
+          f"config {args.config_dir.name}, layers {args.num_layers or 'all'}, {args.dtype}, n_calib {args.n_calib}")
     print(table(rows, [("method", "{}"), ("cuda_s", "{:.1f}"), ("cpu_s", "{:.1f}"), ("speedup", "{:.1f}x"),
                        ("identical_tensors", "{:.1%}"), ("cuda_peak_gib", "{:.2f}"), ("kld_mean", "{:.5f}"),
                        ("top1", "{:.2%}")]))
