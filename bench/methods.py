@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--n-windows", type=int, default=40)
     ap.add_argument("--keep", type=Path, default=None, help="keep the outputs here")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --keep: score outputs already there (their lowbit.json gives time and memory)")
     args = ap.parse_args()
     base = lowbit.fetch(args.model, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,9 +37,13 @@ def main() -> None:
         metas, outs = {}, []
         for m in args.methods:
             out = root / f"{args.model}-{m}-g{args.group_size}"
+            outs.append(out)
+            if args.reuse and (out / "lowbit.json").is_file():
+                metas[m] = json.loads((out / "lowbit.json").read_text())
+                metas[m]["wall_s"] = metas[m]["timings"]["total_s"]
+                continue
             metas[m] = run_quantize(base, out, "--method", m, "--bits", "4", "--group-size", str(args.group_size),
                                     "--n-calib", str(args.n_calib))
-            outs.append(out)
         cmd = [sys.executable, "-m", "lowbit", "-q", "eval", "--model-path", *map(str, outs), "--base", str(base),
                "--text", "moby-dick", "--n-windows", str(args.n_windows), "--json"]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["results"]
