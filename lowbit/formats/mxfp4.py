@@ -51,7 +51,22 @@ def floor_log2(x: torch.Tensor) -> torch.Tensor:
     return e.to(torch.int64) - 1
 
 
-class MXFP4Format(Format):
+class E2M1Grid(Format):
+    """Formats whose elements are FP4 E2M1 values times a per-block scale (MXFP4, NVFP4)."""
+
+    def quantize_elementwise(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return e2m1_codes(W / scale)
+
+    def dequantize_elementwise(self, W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return e2m1_values(W_q) * scale
+
+    def _check_packable(self, qt: QuantizedTensor) -> None:
+        if qt.g_idx is not None:
+            raise LowbitError(f"{self.name} blocks hold contiguous groups; act-order g_idx cannot be packed")
+        self.groups(qt.W_q.shape[1])
+
+
+class MXFP4Format(E2M1Grid):
     name = "mxfp4"
     sym = True
 
@@ -77,19 +92,11 @@ class MXFP4Format(Format):
         scale = torch.ldexp(torch.ones_like(amax), exp)
         return QParams(scale, torch.zeros_like(scale))
 
-    def quantize_elementwise(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return e2m1_codes(W / scale)
-
-    def dequantize_elementwise(self, W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return e2m1_values(W_q) * scale
-
     def bits_per_weight(self, in_features: int) -> float:
         return 4 + 8 / 32
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        if qt.g_idx is not None:
-            raise LowbitError("mxfp4 blocks hold contiguous groups; act-order g_idx cannot be packed")
-        self.groups(qt.W_q.shape[1])
+        self._check_packable(qt)
         scale = qt.qparams.scale.float()
         mant, exp = torch.frexp(scale)
         e = exp.to(torch.int64) - 1

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import LowbitError
-from .base import Format, QParams, QuantizedTensor
-from .mxfp4 import e2m1_codes, e2m1_values
+from .base import QParams, QuantizedTensor
+from .mxfp4 import E2M1Grid
 from .packing import pack_nibbles, unpack_nibbles
 
 FP8_MAX = 448.0
@@ -45,7 +45,7 @@ def _e4m3(s: torch.Tensor) -> torch.Tensor:
     return s.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-class NVFP4Format(Format):
+class NVFP4Format(E2M1Grid):
     name = "nvfp4"
     sym = True
 
@@ -76,19 +76,11 @@ class NVFP4Format(Format):
         s = torch.where(s == 0, torch.tensor(_FP8_EPS), s)
         return QParams(s / g, g.expand_as(s).clone())
 
-    def quantize_elementwise(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return e2m1_codes(W / scale)
-
-    def dequantize_elementwise(self, W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return e2m1_values(W_q) * scale
-
     def bits_per_weight(self, in_features: int) -> float:
         return 4 + 8 / 16
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        if qt.g_idx is not None:
-            raise LowbitError("nvfp4 blocks hold contiguous groups; act-order g_idx cannot be packed")
-        self.groups(qt.W_q.shape[1])
+        self._check_packable(qt)
         g = qt.qparams.zero.float()
         if g.numel() == 0 or not torch.all(g == g.reshape(-1)[0]):
             raise LowbitError("nvfp4 needs one global scale per tensor, but the grid holds several; "
