@@ -54,13 +54,15 @@ def test_checkpoint_unpack_inverts_compressed_tensors_packing():
 def test_kernel_layout_round_trip_and_interleave(K):
     W_q = torch.randint(0, 16, (5, K), dtype=torch.uint8)
     qw = pack_kernel(W_q)
-    assert qw.shape == (-(-K // 128) * 16, 5) and qw.dtype == torch.int32
+    assert qw.shape == (-(-K // 128), 5, 16) and qw.dtype == torch.int32
     assert torch.equal(unpack_kernel(qw, K), W_q)
-    # nibble i of word (16·s + j, n) holds column 128·s + 16·i + j of row n
-    s, i, j = (K - 1) // 128, 3, 5
-    col = 128 * s + 16 * i + j
-    if col < K:
-        assert (qw[16 * s + j, 2].item() >> (4 * i)) & 0xF == W_q[2, col].item()
+    # word r = 2u + h, nibble c = b + 4e of (span s, row n) holds column 128·s + 16·(b + 4h) + 2u + e
+    for s in range(qw.shape[0]):
+        for r, c in [(0, 0), (5, 6), (14, 3), (15, 7)]:
+            u, h, b, e = r // 2, r % 2, c % 4, c // 4
+            col = 128 * s + 16 * (b + 4 * h) + 2 * u + e
+            want = W_q[2, col].item() if col < K else 0
+            assert (qw[s, 2, r].item() >> (4 * c)) & 0xF == want
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -13,16 +13,22 @@ nibble is the unsigned code itself.
 
 Kernel::
 
-  qweight  int32 [S·16, N]   S = ceil(K/128) spans of 128 columns, 16 word rows each: word
-                             (16·s + j, n) holds, in nibble i, column s·128 + 16·i + j of weight
-                             row n (zero-padded past K). Words are K-major: rows are contiguous
+  qweight  int32 [S, N, 16]  S = ceil(K/128) spans of 128 columns; each weight row n has 16 words
+                             per span (64 contiguous bytes), zero-padded past K. Word r = 2u + h,
+                             nibble c = b + 4e (u < 8, h < 2, b < 4, e < 2) holds column
+                             s·128 + 16·(b + 4h) + 2u + e of row n.
   scales   [G, N]            activation dtype (transposed: a tile of rows reads contiguously)
   zeros    uint8 [G, N]      asymmetric only; symmetric grids use zero = 8
+  qparams  int32 [G, N]      what the kernel reads (`pack_qparams`): the scale's 16 bits in the
+                             low half, the zero point in the high half; one 4-byte load per row
+                             and group, which Triton copies ahead asynchronously with the words
 
-The span interleave makes nibble i of 16 words one run of 16 consecutive columns: one group (any
-group size that is a multiple of 16), one contiguous slice of X, one K=16 tensor-core step.
-K-major words put 4 weight rows at the same columns in each 128-bit vector, so a thread reuses
-every X value it loads for 4 rows, and scales ([G, N]) come in the same row order.
+Why this order: the kernel's dequantization turns one word into four fp16x2 registers with one
+LOP3 each (mask nibbles c and c + 4, OR in the exponent of 1024.0). The two halves of such a
+register are columns 2u and 2u + 1 of one 16-column slice: two neighbouring K positions of one
+weight row, exactly the pair a tensor-core operand register holds. Words 2u and 2u + 1 (the
+two a thread holds side by side) cover the eight 16-column slices b + 4h of the span, so each
+slice i of the span is one K=16 step whose operand registers come straight out of the LOP3s.
 """
 from __future__ import annotations
 
@@ -68,20 +74,28 @@ def unpack_checkpoint(weight_packed: torch.Tensor, shape: tuple[int, int],
 
 
 def pack_kernel(W_q: torch.Tensor) -> torch.Tensor:
-    """Codes uint8 [N, K] -> qweight int32 [ceil(K/128)·16, N] in the span-interleaved layout."""
+    """Codes uint8 [N, K] -> qweight int32 [ceil(K/128), N, 16] in the kernel layout (see above)."""
     N, K = W_q.shape
     q = torch.nn.functional.pad(W_q.to(torch.int64), (0, -K % SPAN))
-    q = q.reshape(N, -1, 8, SPAN_WORDS)  # [n, span, nibble i, word j]: column span·128 + 16i + j
-    shifts = torch.tensor(_SHIFTS, device=W_q.device).view(1, 1, 8, 1)
-    return _to_int32((q << shifts).sum(2)).reshape(N, -1).t().contiguous()
+    # column 16·(b + 4h) + 2u + e of a span -> [n, s, h, b, u, e]; words (u, h), nibbles (e, b)
+    q = q.reshape(N, -1, 2, 4, 8, 2).permute(0, 1, 4, 2, 5, 3).reshape(N, -1, SPAN_WORDS, 8)
+    words = _to_int32((q << torch.tensor(_SHIFTS, device=W_q.device)).sum(-1))  # [N, S, 16]
+    return words.transpose(0, 1).contiguous()
 
 
 def unpack_kernel(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Inverse of `pack_kernel`: int32 [S·16, N] -> uint8 [N, in_features]."""
-    N = qweight.shape[1]
-    w = qweight.t().reshape(N, -1, 1, SPAN_WORDS)  # [n, span, 1, word j]
-    nib = (w >> _shifts(qweight.device).view(1, 1, 8, 1)) & 0xF  # [n, span, nibble i, word j]
+    """Inverse of `pack_kernel`: int32 [S, N, 16] -> uint8 [N, in_features]."""
+    S, N, _ = qweight.shape
+    nib = (qweight.transpose(0, 1).unsqueeze(-1) >> _shifts(qweight.device)) & 0xF  # [N, S, 16 (u, h), 8 (e, b)]
+    nib = nib.reshape(N, S, 8, 2, 2, 4).permute(0, 1, 3, 5, 2, 4)  # [n, s, h, b, u, e]
     return nib.reshape(N, -1)[:, :in_features].to(torch.uint8)
+
+
+def pack_qparams(scales: torch.Tensor, zeros: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """scales [G, N] (rounded to the 16-bit `dtype`), zeros uint8 [G, N] or None (= 8) -> int32 [G, N]."""
+    bits = scales.to(dtype).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    z = 8 if zeros is None else zeros.to(torch.int32)
+    return (bits | (z << 16)).contiguous()
 
 
 def kernel_group_ok(group_size: int, in_features: int) -> bool:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .layout import kernel_group_ok, pack_kernel, unpack_checkpoint
+from .layout import kernel_group_ok, pack_kernel, pack_qparams, unpack_checkpoint
 
 
 def triton_available() -> bool:
@@ -22,7 +22,7 @@ _TRITON = triton_available()
 class QuantLinear(nn.Module):
     """y = x · W_rᵀ + b, W_r = (W_q − zero) · scale per group of `group_size` input columns.
 
-    Buffers, in the kernels' layout (see `layout`): qweight int32 [ceil(in/128)·16, out];
+    Buffers, in the kernels' layout (see `layout`): qweight int32 [ceil(in/128), out, 16];
     scales [G, out]; zeros uint8 [G, out], or None for a symmetric grid (zero 8); bias [out] or None.
     On CUDA with fp16/bf16 inputs one fused Triton kernel dequantizes and multiplies; anywhere
     else (CPU, float32) the weights are dequantized on the fly and torch multiplies.
@@ -32,9 +32,9 @@ class QuantLinear(nn.Module):
                  in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
         G, out_features = scales.shape
-        if qweight.dtype != torch.int32 or qweight.shape != (-(-in_features // 128) * 16, out_features):
+        if qweight.dtype != torch.int32 or qweight.shape != (-(-in_features // 128), out_features, 16):
             raise ValueError(f"qweight {tuple(qweight.shape)} {qweight.dtype} does not fit "
-                             f"[{-(-in_features // 128) * 16}, {out_features}] int32")
+                             f"[{-(-in_features // 128)}, {out_features}, 16] int32")
         if in_features % G:
             raise ValueError(f"{G} groups do not divide in_features {in_features}")
         if zeros is not None and (zeros.shape != scales.shape or zeros.dtype != torch.uint8):
@@ -93,6 +93,16 @@ class QuantLinear(nn.Module):
         return (_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and kernel_group_ok(self.group_size, self.in_features))
 
+    def _qparams(self, x: torch.Tensor) -> torch.Tensor:
+        """Scales and zero points packed for the kernel (`layout.pack_qparams`), built once per dtype
+        and device and kept (4 bytes per group and row; not a buffer, so not in the state dict)."""
+        key = (x.dtype, self.scales.device, self.scales.data_ptr())
+        cache = self.__dict__.setdefault("_qp_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = pack_qparams(self.scales, self.zeros, x.dtype)
+        return cache[key]
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_r [out, in]."""
         return reference.dequantize(self.qweight, self.scales, self.zeros, self.in_features, dtype)
@@ -105,7 +115,7 @@ class QuantLinear(nn.Module):
         if self.uses_kernel(x2):
             from .triton_w4a16 import w4a16_matmul
             y = w4a16_matmul(x2.contiguous(), self.qweight, self.scales, self.zeros, self.in_features,
-                             out=acc2, accumulate=acc2 is not None)
+                             out=acc2, accumulate=acc2 is not None, qparams=self._qparams(x2))
         else:
             y = reference.matmul(x2, self.qweight, self.scales, self.zeros, self.in_features)
             if acc2 is not None:

@@ -1,6 +1,6 @@
 """Pure-PyTorch W4A16: dequantize-then-matmul. The CPU path, and the reference the kernels must equal.
 
-Shapes: X [M, K]; qweight int32 [S·16, N] (see `layout`); scales [G, N]; zeros uint8 [G, N] or None.
+Shapes: X [M, K]; qweight int32 [S, N, 16] (see `layout`); scales [G, N]; zeros uint8 [G, N] or None.
 """
 from __future__ import annotations
 

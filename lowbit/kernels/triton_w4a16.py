@@ -1,25 +1,29 @@
-"""Triton W4A16: one fused dequantize + matmul kernel pass, INT4 group-wise weights, fp16/bf16 X.
+"""Triton W4A16: one fused dequantize + matmul kernel, INT4 group-wise weights, fp16/bf16 X.
 
-Two kernels over the K-major, span-interleaved layout of `layout` (a 128-column span is 16 rows
-of int32 words; a 128-bit load holds 4 weight rows at one column, so each X value a thread loads
-serves 4 rows):
+One kernel for every batch size, over the layout of `layout` (per 128-column span, each weight
+row's 16 int32 words in 64 contiguous bytes). It computes Yᵀ = W_r · Xᵀ on the tensor cores with
+the dequantized weights as the *register* operand (Hopper: wgmma with A from registers, so the
+weights never pass through shared memory after their load; older GPUs get Triton's mma.sync
+lowering, correct but staging them through shared memory):
 
-- ``_gemv_kernel`` (M = 1, decoding): CUDA-core FMAs. A program owns BN rows and a contiguous
-  share of the spans (split-K over a second grid axis; partial sums meet in the output through
-  atomic adds), SPB spans per iteration, the next iteration's words and scale tiles loaded
-  before the current ones are used. Per group it accumulates Σ f·x and Σ x and applies the
-  scale once: acc += a·Σ f·x + b·Σ x (one FFMA per weight instead of two).
-- ``_gemm_kernel`` (M ≥ 2): tensor cores, Y tile += X tile · W_rᵀ slice per 16 columns (an M
-  tile of 16 serves 2 ≤ M ≤ 16 at the cost of the weight bytes alone); split-K and the same
-  one-iteration-ahead prefetch.
+- per span and row tile: the [BN, 16] words -> eight [BN, 16] slices of W_r, one K=16 step each,
+  one [BN, 128] · [128, BM] product per span (BM ≥ 16: batch 1 wastes tensor-core lanes, never
+  instruction issue);
+- dequantization by bit tricks in inline PTX, two weights per instruction: a LOP3 ORs the codes
+  at nibbles c and c+4 into the mantissas of fp16 1024.0 (bf16 128.0), giving the half2
+  (1024 + q, 1024 + q'); one add (m − (1024 + z), exact) and one multiply by the scale (one
+  rounding, as the reference's rounding of (q − z)·s) finish each register. Codes at nibbles
+  1 and 3 are not shifted down: their 1024 + 16q is scaled by 1/16 inside an exact FMA. About
+  13 instructions per word of 8 weights (bf16: 15), against ~39 for the earlier float32 path;
+- split-K over a second grid axis: float32 partial tiles, summed in a fixed order by the last
+  program of each tile to arrive (a per-tile counter), so the output is written once, needs no
+  zeroing launch, and is deterministic; or (a tuning candidate, faster on some shapes) fp16
+  atomic adds into the output, zeroed by a separate launch unless accumulating. Triton's
+  software pipeline copies the word, scale/zero and X tiles ahead asynchronously (every load in
+  the loop is 4+ bytes per thread for that).
 
-Dequantization never converts int → float: the 4-bit code q is OR-ed into the top mantissa bits
-of 1.0f (f = 1 + q/16; shift, then mask and OR in one LOP3 since 1.0f comes in as an argument),
-and per-group constants a = 16·s, b = −(16+z)·s give (q − z)·s = f·a + b exactly (see
-`reference.dequant_fma`). a and b are computed once per group and row.
-
-Measured on an H100 (bench/results/kernel_h100.txt): the GEMV is bound by instruction issue
-(~4.9 SASS instructions per weight), not by DRAM; batch 1 reaches 62–66% of copy bandwidth.
+Measured on an H100 (bench/results/kernel_h100.txt): time ≈ 3-4.5 us per call + bytes at
+2.6-2.8 TB/s (88-93% of copy bandwidth); batch 1 at 71-89% of copy bandwidth on 8192-wide layers.
 
 `w4a16_matmul` picks a configuration per (M bucket, N, K, group, dtype) by timing a handful of
 candidates on first use (L2 flushed between repetitions); inside CUDA-graph capture it never
@@ -28,123 +32,114 @@ times and takes the first candidate when a shape was not seen before.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .layout import pack_qparams
+
 log = logging.getLogger(__name__)
 
+# Under TRITON_INTERPRET=1 (CPU) inline PTX cannot run: the kernel then dequantizes with plain
+# Triton ops that read the same layout (tests check the indexing that way without a GPU).
+_EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-ONE_BITS = 0x3F800000  # 1.0f, passed at run time so that ptxas can merge mask and OR into one LOP3
 
+def _asm(bf16: bool, nset: int) -> tuple[str, str]:
+    """PTX and constraints: 2 words (rows 2u, 2u+1 of one weight row) -> 8 half2 outputs.
 
-@triton.jit
-def _magic(p, i: tl.constexpr, one):
-    """f = 1 + q/16 (float32, exact) for the code q in nibble i of every word of p (int32)."""
-    if 4 * i <= 19:
-        t = p << (19 - 4 * i)
+    Output i (K=16 slice i of the span) holds the columns 16i + 2u and 16i + 2u + 1. Operands:
+    $0..$7 outputs, $8/$9 the words, then per constant set k (the group of outputs
+    k·8/nset ..): $10+6k scale², $12+6k −(magic + z)², $14+6k −(64 + z)² (fp16 only).
+    """
+    lines = ["{", ".reg .b32 m<8>, d<8>, sh<6>, c16, one, nz;"]
+    if bf16:
+        lines += ["mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
     else:
-        t = p >> (4 * i - 19)
-    return ((t & 0x780000) | one).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dequant(p, i: tl.constexpr, a, b, one):
-    """(q − z)·s = f·(16s) + (−(16+z)·s) for the code in nibble i of every word of p, as float32."""
-    return _magic(p, i, one) * a + b
-
-
-@triton.jit
-def _coeffs(s_ptr, z_ptr, g, G, N, offs_n, n_mask, valid, SYM: tl.constexpr):
-    """a = 16·s and b = −(16 + z)·s of groups g for rows offs_n: float32, shape of g ⊗ offs_n."""
-    m = n_mask & (g < G) & valid
-    s = tl.load(s_ptr + g * N + offs_n, mask=m, other=0.0).to(tl.float32)
-    if SYM:
-        z = 8.0
-    else:
-        z = tl.load(z_ptr + g * N + offs_n, mask=m, other=0).to(tl.float32)
-    return s * 16.0, -(z + 16.0) * s
-
-
-@triton.jit
-def _store(o_ptrs, y, o_mask, ACC: tl.constexpr, ATOMIC: tl.constexpr):
-    if ATOMIC:
-        tl.atomic_add(o_ptrs, y.to(o_ptrs.dtype.element_ty), mask=o_mask, sem="relaxed")
-    else:
-        if ACC:
-            y += tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
-        tl.store(o_ptrs, y.to(o_ptrs.dtype.element_ty), mask=o_mask)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, o_ptr, N, K, G, split_k, one,
-                 GS: tl.constexpr, SYM: tl.constexpr, ACC: tl.constexpr, ATOMIC: tl.constexpr,
-                 BN: tl.constexpr, SPB: tl.constexpr, EVEN_K: tl.constexpr):
-    """y = x · W_rᵀ for one row x. Each iteration: SPB spans of BN rows ([SPB·16, BN] words)."""
-    GSP: tl.constexpr = GS if GS < 128 else 128  # columns of one group inside one span
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n_spans = tl.cdiv(K, 128)
-    n_it = tl.cdiv(n_spans, SPB)
-    per = tl.cdiv(n_it, split_k)
-    i0 = pid_k * per
-    i1 = tl.minimum(i0 + per, n_it)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_mask = offs_n < N
-    offs_s = tl.arange(0, SPB)
-    offs_j = tl.arange(0, 16)
-    n2, nm2, nm3 = offs_n[None, :], n_mask[None, :], n_mask[None, None, :]
-    w_off = (offs_s[:, None, None] * 16 + offs_j[None, :, None]) * N + offs_n[None, None, :]  # [SPB, 16, BN]
-    acc = tl.zeros((SPB, 16, BN), dtype=tl.float32)
-    span = i0 * SPB + offs_s
-    p_next = tl.load(w_ptr + tl.cast(i0 * (SPB * 16), tl.int64) * N + w_off,
-                     mask=nm3 & (span < n_spans)[:, None, None] & (i0 < i1), other=0, eviction_policy="evict_first")
-    if GS >= 128:  # one group per span: prefetch its coefficients with the words
-        a_next, b_next = _coeffs(s_ptr, z_ptr, (span * 128 // GS)[:, None], G, N, n2, nm2,
-                                 (span < n_spans)[:, None] & (i0 < i1), SYM)  # [SPB, BN]
-    for it in range(i0, i1):
-        p = p_next
-        span = it * SPB + offs_s
-        nspan = span + SPB
-        p_next = tl.load(w_ptr + tl.cast((it + 1) * (SPB * 16), tl.int64) * N + w_off,
-                         mask=nm3 & (nspan < n_spans)[:, None, None] & (it + 1 < i1), other=0,
-                         eviction_policy="evict_first")
-        if GS >= 128:
-            a = a_next
-            b = b_next
-            a_next, b_next = _coeffs(s_ptr, z_ptr, (nspan * 128 // GS)[:, None], G, N, n2, nm2,
-                                     (nspan < n_spans)[:, None] & (it + 1 < i1), SYM)
-        # Per group: part = Σ f·x and xs = Σ x, then acc += a·part + b·xs, which is Σ (q − z)·s·x.
-        # One FFMA per weight plus two per group and thread element, instead of two per weight.
-        for i in tl.static_range(8):
-            if GS < 128:
-                if (i * 16) % GS == 0:  # a group starts at columns 16i.. of each span
-                    a, b = _coeffs(s_ptr, z_ptr, (span * (128 // GS) + (i * 16) // GS)[:, None], G, N, n2, nm2,
-                                   (span < n_spans)[:, None], SYM)
-            f = _magic(p, i, one)  # [SPB, 16, BN]: columns 128·span + 16i + j
-            k = span[:, None] * 128 + i * 16 + offs_j[None, :]  # [SPB, 16]
-            if EVEN_K:
-                xv = tl.load(x_ptr + k, mask=(span < n_spans)[:, None], other=0.0).to(tl.float32)
+        lines += ["mov.b32 c16, 0x2C002C00;"]
+    for h, word in ((0, "$8"), (1, "$9")):
+        if bf16:  # 128 + 16q does not fit bf16's 7 mantissa bits: shift every nibble pair down
+            for b in range(4):
+                src = word if b == 0 else f"sh{3 * h + b - 1}"
+                if b:
+                    lines.append(f"shr.u32 {src}, {word}, {4 * b};")
+                lines.append(f"lop3.b32 m{4 * h + b}, {src}, 0x000F000F, 0x43004300, 0xEA;")
+        else:
+            lines.append(f"lop3.b32 m{4 * h}, {word}, 0x000F000F, 0x64006400, 0xEA;")
+            lines.append(f"lop3.b32 m{4 * h + 1}, {word}, 0x00F000F0, 0x64006400, 0xEA;")
+            lines.append(f"shr.u32 sh{h}, {word}, 8;")
+            lines.append(f"lop3.b32 m{4 * h + 2}, sh{h}, 0x000F000F, 0x64006400, 0xEA;")
+            lines.append(f"lop3.b32 m{4 * h + 3}, sh{h}, 0x00F000F0, 0x64006400, 0xEA;")
+    for i in range(8):
+        k = i * nset // 8
+        s, ce, co = f"${10 + 6 * k}", f"${12 + 6 * k}", f"${14 + 6 * k}"
+        if bf16:
+            lines.append(f"fma.rn.bf16x2 d{i}, m{i}, one, {ce};")
+            lines.append(f"fma.rn.bf16x2 ${i}, d{i}, {s}, nz;")
+        else:
+            if i % 2 == 0:
+                lines.append(f"add.rn.f16x2 d{i}, m{i}, {ce};")
             else:
-                xv = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            if (i * 16) % GSP == 0:
-                part = f * xv[:, :, None]  # each x value serves all of the thread's rows
-                xs = xv
-            else:
-                part += f * xv[:, :, None]
-                xs += xv
-            if ((i + 1) * 16) % GSP == 0:  # the group ends here
-                acc += a[:, None, :] * part + b[:, None, :] * xs[:, :, None]
-    y = tl.sum(tl.sum(acc, axis=0), axis=0)  # [BN]
-    _store(o_ptr + offs_n, y, n_mask, ACC, ATOMIC)
+                lines.append(f"fma.rn.f16x2 d{i}, m{i}, c16, {co};")
+            lines.append(f"mul.rn.f16x2 ${i}, d{i}, {s};")
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=r"] * 8 + ["r"] * (2 + 6 * nset))
+
+
+_A16_1, _C16_1 = (tl.constexpr(v) for v in _asm(False, 1))
+_A16_2, _C16_2 = (tl.constexpr(v) for v in _asm(False, 2))
+_A16_4, _C16_4 = (tl.constexpr(v) for v in _asm(False, 4))
+_A16_8, _C16_8 = (tl.constexpr(v) for v in _asm(False, 8))
+_AB16_1, _CB16_1 = (tl.constexpr(v) for v in _asm(True, 1))
+_AB16_2, _CB16_2 = (tl.constexpr(v) for v in _asm(True, 2))
+_AB16_4, _CB16_4 = (tl.constexpr(v) for v in _asm(True, 4))
+_AB16_8, _CB16_8 = (tl.constexpr(v) for v in _asm(True, 8))
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, o_ptr, M, N, K, G, split_k, stride_xm, stride_om, one,
-                 GS: tl.constexpr, SYM: tl.constexpr, ACC: tl.constexpr, ATOMIC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr):
+def _consts(q_ptr, g, G, N, offs_n, n_mask, DT: tl.constexpr):
+    """Packed constants of group g for rows offs_n, int32 [1, BN] each: scale², −(magic + z)², −(64 + z)².
+
+    q_ptr: int32 [G, N] from `layout.pack_qparams` (scale bits low, zero point high): one 4-byte
+    load per row, which Triton's pipeline copies ahead asynchronously like the weights.
+    """
+    w = tl.load(q_ptr + g * N + offs_n, mask=n_mask & (g < G), other=0)
+    sb = w & 0xFFFF
+    z = (w >> 16) & 0xF
+    if DT == tl.bfloat16:
+        ce = z | 0xC300  # −(128 + z) in bf16
+        co = ce
+    else:
+        ce = z | 0xE400  # −(1024 + z) in fp16
+        co = (z << 4) | 0xD400  # −(64 + z) in fp16
+    return (sb | (sb << 16))[None, :], (ce | (ce << 16))[None, :], (co | (co << 16))[None, :]
+
+
+@triton.jit
+def _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS: tl.constexpr, i: tl.constexpr,
+             DT: tl.constexpr):
+    """Slice i of the span (columns 16i + j) as plain Triton ops, for the CPU interpreter."""
+    row = (offs_j // 2) * 2 + i // 4  # word 2u + h
+    shift = 4 * (i % 4 + 4 * (offs_j % 2))  # nibble b + 4e
+    wd = tl.load(w_ptr + base + row[:, None] + offs_n[None, :] * 16, mask=n_mask[None, :], other=0)
+    q = ((wd >> shift[:, None]) & 0xF).to(tl.float32)
+    g = (t * 128 + 16 * i) // GS
+    qp = tl.load(q_ptr + g * N + offs_n, mask=n_mask & (g < G), other=0)
+    s = (qp & 0xFFFF).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+    z = ((qp >> 16) & 0xF).to(tl.float32)
+    return ((q - z[None, :]) * s[None, :]).to(DT)
+
+
+@triton.jit
+def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K, G, split_k, stride_xm, stride_om,
+               GS: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, NSET: tl.constexpr,
+               EMU: tl.constexpr):
+    """Yᵀ tile [BN, BM] += W_r tile [BN, K share] · Xᵀ [K share, BM], one 128-column span per step."""
+    DT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -159,52 +154,120 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, o_ptr, M, N, K, G, split_k, stride_
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     offs_j = tl.arange(0, 16)
-    w_off = offs_j[:, None] * N + offs_n[None, :]  # [16, BN]
-    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    p_next = tl.load(w_ptr + tl.cast(t0 * 16, tl.int64) * N + w_off, mask=n_mask[None, :] & (t0 < t1), other=0,
-                     eviction_policy="evict_first")
-    if GS >= 128:
-        a_next, b_next = _coeffs(s_ptr, z_ptr, t0 * 128 // GS, G, N, offs_n, n_mask, t0 < t1, SYM)
+    offs_k = tl.arange(0, 128)
+    w_off = offs_j[:, None] + offs_n[None, :] * 16  # [16, BN]: a row's 16 words are contiguous
+    x_off = offs_m[None, :] * stride_xm + offs_k[:, None]  # [128, BM]
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     for t in range(t0, t1):
-        p = p_next
-        p_next = tl.load(w_ptr + tl.cast((t + 1) * 16, tl.int64) * N + w_off, mask=n_mask[None, :] & (t + 1 < t1),
-                         other=0, eviction_policy="evict_first")
-        if GS >= 128:
-            a = a_next
-            b = b_next
-            a_next, b_next = _coeffs(s_ptr, z_ptr, (t + 1) * 128 // GS, G, N, offs_n, n_mask, t + 1 < t1, SYM)
-        for i in tl.static_range(8):
-            if GS < 128:
-                if (i * 16) % GS == 0:
-                    a, b = _coeffs(s_ptr, z_ptr, (t * 128 + i * 16) // GS, G, N, offs_n, n_mask, t < t1, SYM)
-            w = _dequant(p, i, a[None, :], b[None, :], one).to(x_ptr.dtype.element_ty)  # [16, BN] = W_rᵀ slice
-            k = t * 128 + i * 16 + offs_j
-            if EVEN_K:
-                xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)  # [BM, 16]
+        base = tl.cast(t, tl.int64) * N * 16
+        if EMU:
+            w0 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 0, DT)
+            w1 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 1, DT)
+            w2 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 2, DT)
+            w3 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 3, DT)
+            w4 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 4, DT)
+            w5 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 5, DT)
+            w6 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 6, DT)
+            w7 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 7, DT)
+        else:
+            p = tl.load(w_ptr + base + w_off, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+            g0 = (t * 128) // GS
+            sa, ca, oa = _consts(q_ptr, g0, G, N, offs_n, n_mask, DT)
+            if NSET == 1:
+                if DT == tl.bfloat16:
+                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                        _AB16_1, _CB16_1, [p, sa, ca, oa], dtype=(DT,) * 8, is_pure=True, pack=2)
+                else:
+                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                        _A16_1, _C16_1, [p, sa, ca, oa], dtype=(DT,) * 8, is_pure=True, pack=2)
             else:
-                xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
-            acc = tl.dot(xt, w, acc)
-    o_ptrs = o_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    _store(o_ptrs, acc, m_mask[:, None] & n_mask[None, :], ACC, ATOMIC)
+                sb, cb, ob = _consts(q_ptr, (t * 128 + 128 // NSET) // GS, G, N, offs_n, n_mask, DT)
+                if NSET == 2:
+                    if DT == tl.bfloat16:
+                        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                            _AB16_2, _CB16_2, [p, sa, ca, oa, sb, cb, ob], dtype=(DT,) * 8, is_pure=True, pack=2)
+                    else:
+                        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                            _A16_2, _C16_2, [p, sa, ca, oa, sb, cb, ob], dtype=(DT,) * 8, is_pure=True, pack=2)
+                else:
+                    sc, cc, oc = _consts(q_ptr, (t * 128 + 2 * 128 // NSET) // GS, G, N, offs_n, n_mask, DT)
+                    sd, cd, od = _consts(q_ptr, (t * 128 + 3 * 128 // NSET) // GS, G, N, offs_n, n_mask, DT)
+                    if NSET == 4:
+                        if DT == tl.bfloat16:
+                            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                                _AB16_4, _CB16_4, [p, sa, ca, oa, sb, cb, ob, sc, cc, oc, sd, cd, od],
+                                dtype=(DT,) * 8, is_pure=True, pack=2)
+                        else:
+                            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                                _A16_4, _C16_4, [p, sa, ca, oa, sb, cb, ob, sc, cc, oc, sd, cd, od],
+                                dtype=(DT,) * 8, is_pure=True, pack=2)
+                    else:
+                        se, ce, oe = _consts(q_ptr, (t * 128 + 64) // GS, G, N, offs_n, n_mask, DT)
+                        sf, cf, of = _consts(q_ptr, (t * 128 + 80) // GS, G, N, offs_n, n_mask, DT)
+                        sg, cg, og = _consts(q_ptr, (t * 128 + 96) // GS, G, N, offs_n, n_mask, DT)
+                        sh, ch, oh = _consts(q_ptr, (t * 128 + 112) // GS, G, N, offs_n, n_mask, DT)
+                        if DT == tl.bfloat16:
+                            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                                _AB16_8, _CB16_8, [p, sa, ca, oa, sb, cb, ob, sc, cc, oc, sd, cd, od,
+                                                   se, ce, oe, sf, cf, of, sg, cg, og, sh, ch, oh],
+                                dtype=(DT,) * 8, is_pure=True, pack=2)
+                        else:
+                            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                                _A16_8, _C16_8, [p, sa, ca, oa, sb, cb, ob, sc, cc, oc, sd, cd, od,
+                                                 se, ce, oe, sf, cf, of, sg, cg, og, sh, ch, oh],
+                                dtype=(DT,) * 8, is_pure=True, pack=2)
+        # [16, BN] x 8 -> [128, BN] with row 16i + j = column 16i + j of the span
+        w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+        w = tl.reshape(tl.permute(w, (4, 3, 2, 0, 1)), (128, BN))
+        if EVEN_K:
+            xt = tl.load(x_ptr + x_off + t * 128, mask=m_mask[None, :], other=0.0)
+        else:
+            xt = tl.load(x_ptr + x_off + t * 128, mask=m_mask[None, :] & (offs_k[:, None] < K - t * 128), other=0.0)
+        acc = tl.dot(tl.trans(w), xt, acc)
+    o_mask = m_mask[None, :] & n_mask[:, None]
+    if ATOMIC:  # split-K by atomic adds into an output that is zero (or holds what to add to)
+        tl.atomic_add(o_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(o_ptr.dtype.element_ty),
+                      mask=o_mask, sem="relaxed")
+    elif SPLIT:
+        # Split-K without atomics on the output and without zeroing it first: each program writes
+        # its float32 partial tile, then counts itself in; the last of the tile's split_k programs
+        # adds the partials in a fixed order, writes the output once and resets the counter.
+        ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(ws_tile + pid_k * M * N, acc, mask=o_mask)
+        tl.debug_barrier()  # every thread's partial is written before the count (release, gpu scope)
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            tl.debug_barrier()
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+            for k in range(0, split_k):
+                acc += tl.load(ws_tile + k * M * N, mask=o_mask, other=0.0, cache_modifier=".cg")
+            o_ptrs = o_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+            if ACC:
+                acc += tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+    else:
+        o_ptrs = o_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        if ACC:
+            acc += tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 @dataclass(frozen=True)
 class Config:
-    """One launch shape. kind: "gemv" (CUDA cores, M = 1) or "gemm" (tensor cores, any M)."""
+    """One launch shape: BM batch rows × BN weight rows per program, split_k programs along K."""
 
-    kind: str
-    BM: int  # gemv: 1
+    BM: int
     BN: int
     split_k: int
     num_warps: int
-    num_stages: int = 1
-    SPB: int = 1  # gemv: 128-column spans per iteration
+    num_stages: int
+    atomic: bool = False  # split-K epilogue: atomic adds into the output (zeroed first unless
+    #                       accumulating) instead of float32 partials summed by the last program
 
     def __str__(self) -> str:
-        if self.kind == "gemv":
-            return f"gemv BN={self.BN} spans={self.SPB} split={self.split_k} w={self.num_warps}"
-        return f"gemm BM={self.BM} BN={self.BN} split={self.split_k} w={self.num_warps} s={self.num_stages}"
+        return (f"BM={self.BM} BN={self.BN} split={self.split_k} w={self.num_warps} s={self.num_stages}"
+                + (" atomic" if self.atomic else ""))
 
 
 def _next_pow2(n: int) -> int:
@@ -225,44 +288,73 @@ def candidates(M: int, N: int, K: int, sms: int) -> list[Config]:
     """The few configurations timed for this shape; the first is the untimed default."""
     n_spans = -(-K // 128)
 
-    def splits(tiles: int, iters: int) -> list[int]:
-        cap = max(1, iters // 2)
+    def splits(tiles: int) -> list[int]:
+        cap = max(1, n_spans // 2)
         a = max(1, min(cap, -(-2 * sms // tiles)))
-        return sorted({a, 1, min(2 * a, cap)}, key=lambda s: (s != a, s))
+        return sorted({a, min(2 * a, cap), max(1, a // 2)}, key=lambda s: (s != a, s))
 
+    BM = min(128, max(16, _next_pow2(M)))
+    if BM <= 16:
+        shapes = [(128, 4, 4), (256, 4, 4), (128, 4, 6), (64, 4, 6)]
+    elif BM <= 64:
+        shapes = [(128, 4, 4), (256, 8, 3), (64, 4, 4)]
+    else:  # 4 warps would spill the [BN, 128] accumulator
+        shapes = [(256, 8, 3), (128, 8, 3), (64, 4, 3)]
     out: list[Config] = []
-    if M == 1:
-        for BN, spb, warps in [(128, 1, 4), (256, 1, 4), (128, 2, 4), (64, 2, 4), (256, 2, 8)]:
-            out += [Config("gemv", 1, BN, s, warps, 1, spb) for s in splits(-(-N // BN), -(-n_spans // spb))]
-    else:
-        BM = min(128, max(16, _next_pow2(M)))
-        shapes = [(64, 4, 3), (128, 4, 3), (128, 8, 3)] if BM <= 64 else [(128, 8, 3), (64, 4, 3), (128, 4, 3)]
-        for BN, warps, stages in shapes:
-            out += [Config("gemm", BM, BN, s, warps, stages) for s in splits(-(-M // BM) * -(-N // BN), n_spans)]
+    for BN, warps, stages in shapes:
+        out += [Config(BM, BN, s, warps, stages) for s in splits(-(-M // BM) * -(-N // BN))]
+    # the atomic epilogue (one extra zeroing launch, fp16 adds) wins on some shapes: time it too
+    out += [Config(c.BM, c.BN, c.split_k, c.num_warps, c.num_stages, True) for c in out[::3] if c.split_k > 1]
     return out
 
 
 def launch(cfg: Config, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-           zeros: torch.Tensor | None, out: torch.Tensor, in_features: int, accumulate: bool) -> torch.Tensor:
-    """Run one configuration: out (+)= x · W_rᵀ. Shapes: x [M, K], out [M, N], both row-major."""
+           zeros: torch.Tensor | None, out: torch.Tensor, in_features: int, accumulate: bool,
+           qparams: torch.Tensor | None = None) -> torch.Tensor:
+    """Run one configuration: out (+)= x · W_rᵀ. Shapes: x [M, K], out [M, N], both row-major.
+
+    qparams: `layout.pack_qparams(scales, zeros, x.dtype)`, packed here when not given.
+    """
     M, K = x.shape
     G, N = scales.shape
-    split = min(cfg.split_k, -(-K // (128 * cfg.SPB)))
-    atomic = split > 1
-    if atomic and not accumulate:
-        out.zero_()
-    z = scales if zeros is None else zeros  # never read when symmetric
-    meta = dict(GS=K // G, SYM=zeros is None, ACC=accumulate, ATOMIC=atomic, BN=cfg.BN, EVEN_K=K % 128 == 0,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.kind == "gemv":
-        assert M == 1
-        grid = (triton.cdiv(N, cfg.BN), split)
-        _gemv_kernel[grid](x, qweight, scales, z, out, N, K, G, split, ONE_BITS, SPB=cfg.SPB, **meta)
+    if qparams is None:
+        qparams = pack_qparams(scales, zeros, x.dtype)
+    gs = K // G
+    split = min(cfg.split_k, -(-K // 128))
+    tiles = triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN)
+    atomic = cfg.atomic and split > 1
+    if atomic:
+        if not accumulate:
+            out.zero_()
+        ws = cnt = out  # never read
+    elif split > 1:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        cnt = _counters(x.device, tiles)
     else:
-        grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
-        _gemm_kernel[grid](x, qweight, scales, z, out, M, N, K, G, split, x.stride(0), out.stride(0), ONE_BITS,
-                           BM=cfg.BM, **meta)
+        ws = cnt = out  # never read
+    nset = 1 if gs % 128 == 0 else 2 if gs % 64 == 0 else 4 if gs % 32 == 0 else 8
+    _w4_kernel[(tiles, split)](x, qweight, qparams, out, ws, cnt, M, N, K, G, split, x.stride(0), out.stride(0),
+                     GS=gs, ACC=accumulate, SPLIT=split > 1, ATOMIC=atomic, BM=cfg.BM, BN=cfg.BN,
+                     EVEN_K=K % 128 == 0, NSET=nset, EMU=_EMULATE,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_KEEP: list[torch.Tensor] = []
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-device arrival counters of split-K tiles: zero between launches (each launch's last
+    program resets its tile's), so kernels sharing them must not overlap (one stream at a time)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w4a16: split-K counters must be allocated before CUDA-graph capture")
+        c = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = c
+        _KEEP.append(c)  # a captured CUDA graph may still point at a replaced one
+    return c
 
 
 _TUNED: dict[tuple, Config] = {}
@@ -274,7 +366,7 @@ def _bucket(M: int) -> int:
 
 
 def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  in_features: int) -> Config:
+                  in_features: int, qparams: torch.Tensor | None = None) -> Config:
     """The configuration `w4a16_matmul` uses for this call (timing the candidates once per shape)."""
     M, (G, N) = x.shape[0], scales.shape
     key = (_bucket(M), N, in_features, G, zeros is None, x.dtype, x.device)
@@ -285,10 +377,12 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if not AUTOTUNE or torch.cuda.is_current_stream_capturing():
         return cands[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if qparams is None:
+        qparams = pack_qparams(scales, zeros, x.dtype)
     best: tuple[float, Config] | None = None
     for c in cands:
         try:
-            ms = triton.testing.do_bench(lambda: launch(c, x, qweight, scales, zeros, out, in_features, False),
+            ms = triton.testing.do_bench(lambda: launch(c, x, qweight, scales, zeros, out, in_features, False, qparams),
                                          warmup=5, rep=20, return_mode="median")
         except Exception as e:  # a candidate that does not compile on this GPU is skipped
             log.warning("w4a16 config %s failed for M=%d N=%d K=%d: %s", c, M, N, in_features, e)
@@ -304,11 +398,12 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  in_features: int, out: torch.Tensor | None = None, accumulate: bool = False,
-                 config: Config | None = None) -> torch.Tensor:
+                 config: Config | None = None, qparams: torch.Tensor | None = None) -> torch.Tensor:
     """Y = X · W_rᵀ (or out += X · W_rᵀ with accumulate), fused.
 
-    Shapes: x [M, K] fp16/bf16 row-major CUDA; qweight int32 [ceil(K/128)·16, N]; scales [G, N];
-    zeros uint8 [G, N] or None (symmetric); out [M, N] in x's dtype.
+    Shapes: x [M, K] fp16/bf16 row-major CUDA; qweight int32 [ceil(K/128), N, 16]; scales [G, N];
+    zeros uint8 [G, N] or None (symmetric); out [M, N] in x's dtype; qparams int32 [G, N]
+    (`layout.pack_qparams(scales, zeros, x.dtype)`, which a layer keeps; packed per call if None).
     """
     M, K = x.shape
     assert K == in_features and x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16)
@@ -317,5 +412,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         assert not accumulate
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype == x.dtype
-    cfg = config or select_config(x, qweight, scales, zeros, in_features)
-    return launch(cfg, x, qweight, scales, zeros, out, in_features, accumulate)
+    if qparams is None:
+        qparams = pack_qparams(scales, zeros, x.dtype)
+    cfg = config or select_config(x, qweight, scales, zeros, in_features, qparams)
+    return launch(cfg, x, qweight, scales, zeros, out, in_features, accumulate, qparams)
