@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def child_env() -> dict[str, str]:
+    """This environment without bench/ on PYTHONPATH: bench scripts (bench/gguf.py) must not shadow
+    packages of the same name in the processes they start."""
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ)
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != here]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env
 
 
 def run_quantize(model: Path, out: Path, *args: str) -> dict:
@@ -13,16 +24,26 @@ def run_quantize(model: Path, out: Path, *args: str) -> dict:
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "lowbit", "-q", "quantize", "--model-path", str(model), "--output-dir", str(out),
            "--overwrite", *args]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=child_env())
     meta = json.loads((out / "lowbit.json").read_text())
     meta["wall_s"] = time.perf_counter() - t
     return meta
 
 
+def run_measured(cmd: list[str], cwd: Path | None = None) -> dict:
+    """Run `cmd` to completion; its exit status, wall time and peak RSS (its own ru_maxrss, from wait4,
+    so neither this process nor earlier children count)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env())
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t, "peak_rss": usage.ru_maxrss * 1024}
+
+
 def run_eval(model: Path, base: Path, text: str, n_windows: int) -> dict:
     cmd = [sys.executable, "-m", "lowbit", "-q", "eval", "--model-path", str(model), "--base", str(base),
            "--text", text, "--n-windows", str(n_windows), "--json"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=child_env()).stdout
     return json.loads(out[out.index("{"):])["results"][0]
 
 
@@ -32,3 +53,89 @@ def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
     head = line([k for k, _ in cols])
     return "\n".join([head, "-" * len(head), *map(line, cells)])
+
+
+# -- quality tables: lowbit methods and peers on the same calibration tokens --------------------
+PEERS_ROOT = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "peers"
+PEER_SCRIPTS = Path(__file__).parent / "peers"
+
+# row name -> (venv under PEERS_ROOT, runner script in bench/peers, extra runner args)
+PEERS = {
+    "gptqmodel": ("gptqmodel", "gptqmodel_run.py", ()),
+    "gptqmodel-desc-act": ("gptqmodel", "gptqmodel_run.py", ("--desc-act", "1")),
+    "llmc-gptq": ("llmc", "llmcompressor_run.py", ("--method", "gptq")),
+    "llmc-awq": ("llmc", "llmcompressor_run.py", ("--method", "awq")),
+    "auto-round": ("autoround", "autoround_run.py", ()),
+}
+
+
+def save_calibration(base: Path, n: int, seq_len: int, seed: int, path: Path) -> Path:
+    """The token ids lowbit's own pipeline calibrates on (default text), for peers to use verbatim."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lowbit.data import calibration_ids, load_text
+    ids = calibration_ids(AutoTokenizer.from_pretrained(base), load_text("default"), n, seq_len, seed)
+    torch.save(ids, path)
+    return path
+
+
+def run_entry(entry: str, base: Path, out: Path, calib: Path, group_size: int, n_calib: int,
+              reuse: bool) -> dict:
+    """Quantize `base` with one table row: a lowbit method ("gptq", "gptq --act-order") or a peer
+    (a key of PEERS). Runs in a fresh process; returns wall time and peak RSS (kept in out/bench.json
+    so --reuse can score an output again without re-running it)."""
+    record = out / "bench.json"
+    if reuse and record.is_file():
+        return json.loads(record.read_text())
+    name, *extra = entry.split()
+    if name in PEERS:
+        venv, script, peer_args = PEERS[name]
+        python = PEERS_ROOT / venv / "bin" / "python"
+        if not python.is_file():
+            raise SystemExit(f"peer {name!r} is not installed; run: bash bench/peers/setup.sh {venv}")
+        cmd = [str(python), str(PEER_SCRIPTS / script), "--model", str(base), "--calib", str(calib), "--out", str(out),
+               "--bits", "4", "--group-size", str(group_size), *peer_args, *extra]
+    else:
+        cmd = [sys.executable, "-m", "lowbit", "-q", "quantize", "--model-path", str(base), "--output-dir", str(out),
+               "--overwrite", "--method", name, "--bits", "4", "--group-size", str(group_size),
+               "--n-calib", str(n_calib), *extra]
+    r = run_measured(cmd)
+    if r["rc"] != 0:  # one failing quantizer must not cost the others' results
+        print(f"FAILED ({r['rc']}): {' '.join(cmd)}", file=sys.stderr)
+        return {**r, "failed": True}
+    record.write_text(json.dumps(r))
+    return r
+
+
+def quality_table(model: str, group_size: int, entries: list[str], n_calib: int, n_windows: int,
+                  keep: Path | None, reuse: bool) -> str:
+    """Quantize `model` with every entry (same calibration ids), score all in one `lowbit eval` on
+    held-out Moby Dick, and return the table (KLD also as a ratio to the first entry)."""
+    import tempfile
+
+    import lowbit
+    base = lowbit.fetch(model, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        calib = save_calibration(base, n_calib, 512, 0, root / f"{model}-calib-{n_calib}.pt")
+        outs = [root / f"{model}-g{group_size}-{e.replace(' --', '-').replace(' ', '-').lstrip('-')}" for e in entries]
+        runs = [run_entry(e, base, o, calib, group_size, n_calib, reuse) for e, o in zip(entries, outs)]
+        done = [(e, r, o) for e, r, o in zip(entries, runs, outs) if not r.get("failed")]
+        entries, runs, outs = (list(x) for x in zip(*done))
+        cmd = [sys.executable, "-m", "lowbit", "-q", "eval", "--model-path", *map(str, outs), "--base", str(base),
+               "--text", "moby-dick", "--n-windows", str(n_windows), "--json"]
+        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=child_env()).stdout)["results"]
+    ref = res[0]["kld_mean"]
+    rows = [{"method": e, "wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss"] / 2**30, "kld_mean": s["kld_mean"],
+             "kld_ci": f"[{s.get('kld_mean_ci_lo', float('nan')):.4f}, {s.get('kld_mean_ci_hi', float('nan')):.4f}]",
+             "kld_ratio": s["kld_mean"] / ref, "kld_p99": s["kld_p99"], "top1": s["top1"], "ppl": s["ppl"],
+             "ppl_base": s["ppl_base"]} for e, r, s in zip(entries, runs, res)]
+    head = (f"model: {model}  W4 asym g{group_size}  calibration: {n_calib} x 512 tokens (SOTU, seed 0; the same ids "
+            f"for every row)  eval: Moby Dick {n_windows} x 512 (held out)  CPU: {os.cpu_count()} cores\n"
+            f"kld_ratio: KLD / KLD of '{entries[0]}'; wall_s and peak_rss_gib: the whole quantize process "
+            "(load, calibrate, quantize, save)\n")
+    return head + table(rows, [("method", "{}"), ("wall_s", "{:.0f}"), ("peak_rss_gib", "{:.2f}"),
+                               ("kld_mean", "{:.4f}"), ("kld_ci", "{}"), ("kld_ratio", "{:.2f}x"),
+                               ("kld_p99", "{:.3f}"), ("top1", "{:.2%}"), ("ppl", "{:.3f}"), ("ppl_base", "{:.3f}")])

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Callable
 
 from .errors import LowbitError
-from .eval.commands import COMMANDS as EVAL_TOOLS  # inspect, size, gate, recommend, report
+from .eval.commands import COMMANDS as EVAL_TOOLS  # eval, compare, inspect, size, gate, recommend, report
+from .export.commands import add_export
 
 
 def _method_flags(p: argparse.ArgumentParser) -> None:
@@ -50,9 +50,12 @@ def _add_quantize(sub) -> None:
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     q.add_argument("--weight-format", default="int", help="number format of the grid")
     q.add_argument("--format", dest="export_format", default="compressed-tensors",
-                   help="output: compressed-tensors (default) or fake (dequantized weights)")
+                   help="output: compressed-tensors (default), fake (dequantized weights), gptq, autoawq, "
+                        "or gguf (with --weight-format gguf:<type>)")
     q.add_argument("--calib-dataset", default="default")
     q.add_argument("--n-calib", type=int, default=128)
+    q.add_argument("--calib-batch-size", type=int, default=8,
+                   help="windows per forward pass; under torchrun, batch j runs on process j mod N")
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu")
@@ -67,47 +70,38 @@ def _add_quantize(sub) -> None:
     q.set_defaults(handler=_run_quantize)
 
 
+def _torchrun(device: str):
+    """This process's place among torchrun's (WORLD_SIZE > 1 in the environment), else None."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from .distributed import init
+    return init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                device)
+
+
 def _run_quantize(args) -> None:
     from .api import quantize
+    from .distributed import shutdown
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    dist = _torchrun(args.device)
+    if dist is not None and not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log: rank 0's
     out = quantize(args.model_path, args.output_dir, method=args.method, bits=args.bits,
                    group_size=args.group_size, sym=args.sym, fmt=args.weight_format,
                    export_format=args.export_format, calib_dataset=args.calib_dataset, n_calib=args.n_calib,
                    seq_len=args.seq_len, seed=args.seed, device=args.device, dtype=args.dtype,
                    layer_batch_size=args.layer_batch_size, lmhead_chunks=args.lmhead_chunks,
                    quantize_lm_head=args.quantize_lm_head, layers=args.layers, overwrite=args.overwrite,
-                   resume=args.resume, progress=not args.quiet, **options)
-    print(out)
-
-
-def _add_eval(sub) -> None:
-    e = sub.add_parser("eval", help="KLD, perplexity and top-1 of one or more candidates against the base model")
-    e.add_argument("--model-path", required=True, nargs="+", help="one or more candidates")
-    e.add_argument("--base", required=True)
-    e.add_argument("--text", default="moby-dick", help="held-out text: file, embedded name or hub dataset")
-    e.add_argument("--ctx", type=int, default=512)
-    e.add_argument("--n-windows", type=int, default=None)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=2)
-    e.add_argument("--bootstrap", type=int, default=1000, help="resamples of windows for 95%% CIs (0 = none)")
-    e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    e.add_argument("--no-cache", action="store_true",
-                   help="keep no base logits on disk (default: ~/.cache/lowbit/eval or $LOWBIT_CACHE/eval, "
-                        "n_windows × ctx × vocab × 4 bytes); the base then runs beside each candidate")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(handler=_run_eval)
-
-
-def _run_eval(args) -> None:
-    from .eval.compare import evaluate_many, format_many, results_json
-    res = evaluate_many(args.model_path, args.base, text=args.text, ctx=args.ctx, n_windows=args.n_windows,
-                        device=args.device, batch_size=args.batch_size, progress=not args.quiet,
-                        use_cache=not args.no_cache, n_bootstrap=args.bootstrap, seed=args.seed)
-    print(json.dumps(results_json(res), indent=2) if args.json else format_many(res))
+                   resume=args.resume, progress=not args.quiet, calib_batch_size=args.calib_batch_size,
+                   dist=dist, **options)
+    shutdown()
+    if dist is None or dist.is_main:
+        print(out)
 
 
 # A new command is a function `register(subparsers)` that sets `handler`; list it here.
-COMMANDS: list[Callable] = [_add_fetch, _add_quantize, _add_eval, *EVAL_TOOLS]
+COMMANDS: list[Callable] = [_add_fetch, _add_quantize, *EVAL_TOOLS, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,10 @@
 Layer i sees the calibration activations produced by the already-quantized layers before it.
 Every finished layer is saved to ``<output>.partial/layers`` so a killed run resumes; the
 output directory appears only when everything is written.
+
+Under torchrun (`dist` given) every process streams the same layers and holds calibration batch j
+when j mod N is its rank (model/layer.py sums statistics and shares out per-linear work); rank 0
+alone reads and writes the output, plan and partial directories.
 """
 from __future__ import annotations
 
@@ -19,10 +23,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .algorithms import Method, make_method
 from .data import calibration_ids, load_text
+from .distributed import Dist, all_gather, broadcast
 from .errors import LowbitError
 from .export import ExportContext, get_exporter
-from .formats import Format, QParams, QuantizedTensor, make_format
-from .model.layer import LayerData
+from .formats import QParams, QuantizedTensor, make_format
+from .formats.map import FormatMap
+from .model.layer import BatchSplit, LayerData
 from .model.source import copy_aux_files, model_size_bytes, resolve_model_dir
 from .model.stream import Batch, StreamedModel
 from .paths import disk_full_as_error, publish_dir
@@ -33,46 +39,63 @@ from .spec import QuantizeConfig
 log = logging.getLogger(__name__)
 
 
-def quantize(cfg: QuantizeConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
-    """Quantize `cfg.model_path` into `cfg.output_dir`; returns the output directory."""
+def quantize(cfg: QuantizeConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
+             dist: Dist | None = None) -> Path:
+    """Quantize `cfg.model_path` into `cfg.output_dir`; returns the output directory.
+
+    `dist`: this process's place among torchrun's processes (None: the only one).
+    """
     t0 = time.perf_counter()
+    main = dist is None or dist.is_main
     out = Path(cfg.output_dir).expanduser()
     partial = out.with_name(out.name + ".partial")
-    model_dir = resolve_model_dir(cfg.model_path)
-    _check_output(out, partial, cfg, overwrite, resume)
-    get_exporter(cfg.export_format)  # fail on a bad name before any work
+    model_dir = _main_first(dist, lambda: resolve_model_dir(cfg.model_path), everyone=True)
 
+    def checks() -> None:
+        _check_output(out, partial, cfg, overwrite, resume)
+        get_exporter(cfg.export_format)  # fail on a bad name before any work
+
+    _main_first(dist, checks)
     device = _device(cfg.device)
+    if dist is not None and device.type == "cuda":
+        device = dist.device  # this rank's GPU
     model = StreamedModel(model_dir, device=device, dtype=_compute_dtype(cfg.dtype, device, model_dir))
     source_dtype = _source_dtype(model)
-    fmt = make_format(cfg.scheme, scale_dtype=source_dtype)
     method = make_method(cfg.method, cfg.options())
+    fmt = _formats(cfg, model, method, source_dtype)
     layer_ids = _layer_selection(cfg.layers, model.num_layers)
     _check_shapes(model, fmt, layer_ids, cfg.quantize_lm_head)
-    _check_disk(model_dir, out)
 
     layers_dir = partial / "layers"
-    layers_dir.mkdir(parents=True, exist_ok=True)
-    (partial / "recipe.json").write_text(json.dumps(cfg.recipe(), indent=2, default=str))
+
+    def prepare() -> None:
+        _check_disk(model_dir, out)
+        layers_dir.mkdir(parents=True, exist_ok=True)
+        (partial / "recipe.json").write_text(json.dumps(cfg.recipe(), indent=2, default=str))
+
+    _main_first(dist, prepare)
 
     timings: dict[str, float] = {}
     with disk_full_as_error(partial), torch.inference_mode():
         t = time.perf_counter()
-        batches, calib_info = _calibration_batches(model, method, cfg)
+        batches, split, calib_info = _calibration_batches(model, method, cfg, dist)
         timings["calibration_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        _quantize_layers(model, method, fmt, batches, layer_ids, layers_dir, cfg, progress)
+        _quantize_layers(model, method, fmt, batches, split, layer_ids, layers_dir, cfg, progress and main)
         if cfg.quantize_lm_head:
-            _quantize_lm_head(model, method, fmt, batches, layers_dir, cfg)
+            _quantize_lm_head(model, method, fmt, batches, split, layers_dir, cfg)
         timings["quantize_s"] = time.perf_counter() - t
+        per_rank = all_gather(dist, peak_memory(device))  # the last collective: rank 0 exports alone
+        if not main:
+            return out
 
         t = time.perf_counter()
         export_dir = partial / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         export_dir.mkdir()
         ctx = ExportContext(store=model.store, config=copy.deepcopy(model.config), family=model.family,
-                            plan=Plan(layers_dir, fmt), fmt=fmt, dtype=source_dtype)
+                            plan=Plan(layers_dir, fmt), fmt=fmt.default, dtype=source_dtype)
         get_exporter(cfg.export_format)(ctx, export_dir)
         copy_aux_files(model_dir, export_dir)
         timings["export_s"] = time.perf_counter() - t
@@ -89,6 +112,7 @@ def quantize(cfg: QuantizeConfig, overwrite: bool = False, resume: bool = False,
             "seed": cfg.calib.seed,
             "timings": timings,
             "peak_memory": peak_memory(device),
+            **({"processes": dist.world, "peak_memory_per_rank": per_rank} if dist is not None else {}),
             "layer_stats": ctx.plan.stats,
             "checksums": checksums(export_dir),
         }
@@ -100,6 +124,24 @@ def quantize(cfg: QuantizeConfig, overwrite: bool = False, resume: bool = False,
 
 
 # -- checks ------------------------------------------------------------------------------------
+def _main_first(dist: Dist | None, fn, everyone: bool = False):
+    """fn() on rank 0 (then on the others too if `everyone`); an error there stops every rank."""
+    if dist is None:
+        return fn()
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    message = broadcast(dist, None if error is None else str(error), 0)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise LowbitError(f"rank 0 stopped: {message}")
+    return fn() if everyone and not dist.is_main else result
+
+
 def _check_output(out: Path, partial: Path, cfg: QuantizeConfig, overwrite: bool, resume: bool) -> None:
     if out.exists() and not overwrite:
         raise LowbitError(f"output dir {out} already exists; pass --overwrite to replace it")
@@ -155,14 +197,24 @@ def _layer_selection(spec: str | None, n: int) -> list[int]:
     return sorted(ids)
 
 
-def _check_shapes(model: StreamedModel, fmt: Format, layer_ids: list[int], lm_head: bool) -> None:
+def _formats(cfg: QuantizeConfig, model: StreamedModel, method: Method, source_dtype: torch.dtype) -> FormatMap:
+    """The format of every linear: one for all, or per tensor for GGUF types (--weight-format
+    gguf:Q4_K_M, or gguf:q4_k where rows fall back), with the imatrix rules when the method has
+    calibration activations to weigh the encoders by."""
+    from .export.gguf import is_gguf_spec, linear_formats
+    if is_gguf_spec(cfg.scheme.format):
+        return linear_formats(model.config, cfg.scheme.format, has_imatrix=method.needs_calibration)
+    return FormatMap(make_format(cfg.scheme, scale_dtype=source_dtype))
+
+
+def _check_shapes(model: StreamedModel, formats: FormatMap, layer_ids: list[int], lm_head: bool) -> None:
     paths = [f"{model.layer_path(i)}.{n}" for i in layer_ids for n in model.linear_names(i)]
     if lm_head:
         paths.append(model.family.lm_head)
     for path in paths:
         shape = model.weight_shape(path)
         try:
-            fmt.groups(shape[1])
+            formats(path, shape).groups(shape[1])
         except LowbitError as e:
             raise LowbitError(f"{path}: {e}") from None
 
@@ -177,21 +229,30 @@ def _check_disk(model_dir: Path, out: Path) -> None:
 
 
 # -- stages ------------------------------------------------------------------------------------
-def _calibration_batches(model: StreamedModel, method: Method, cfg: QuantizeConfig) -> tuple[list[Batch], dict]:
+def _calibration_batches(model: StreamedModel, method: Method, cfg: QuantizeConfig,
+                         dist: Dist | None) -> tuple[list[Batch], BatchSplit, dict]:
+    """This process's calibration batches (batch j on rank j mod N), which ones they are, and their source."""
     if not method.needs_calibration:
-        return [], {"used": False}
+        return [], BatchSplit((), (), dist), {"used": False}
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model.dir)
     src = load_text(cfg.calib.dataset, split="calibration")
     ids = calibration_ids(tok, src, cfg.calib.n_samples, cfg.calib.seq_len, cfg.calib.seed)
-    batches = [model.embed(chunk) for chunk in ids.split(cfg.calib.batch_size)]
+    chunks = ids.split(cfg.calib.batch_size)
+    world, rank = (1, 0) if dist is None else (dist.world, dist.rank)
+    if len(chunks) < world:
+        raise LowbitError(f"{len(chunks)} calibration batch(es) cannot be shared by {world} processes; "
+                          f"raise --n-calib to at least {world * cfg.calib.batch_size} or lower --calib-batch-size")
+    mine = [j for j in range(len(chunks)) if j % world == rank]
+    batches = [model.embed(chunks[j]) for j in mine]
     model.release(model.family.embed)
+    split = BatchSplit(tuple(mine), tuple(c.numel() for c in chunks), dist)
     info = {"used": True, "source": src.name, "sha256": src.sha256, "n_samples": int(ids.shape[0]),
             "seq_len": int(ids.shape[1]), "seed": cfg.calib.seed}
-    return batches, info
+    return batches, split, info
 
 
-def _quantize_layers(model: StreamedModel, method: Method, fmt: Format, batches: list[Batch],
+def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batches: list[Batch], split: BatchSplit,
                      layer_ids: list[int], layers_dir: Path, cfg: QuantizeConfig, progress: bool) -> None:
     """Quantize the selected layers in order, `layer_batch_size` layers resident at a time.
 
@@ -207,7 +268,7 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: Format, batches:
             model.materialize(model.layer_path(i))
         for i in chunk:
             if i in selected:
-                _quantize_one_layer(model, method, fmt, batches, i, layers_dir)
+                _quantize_one_layer(model, method, fmt, batches, split, i, layers_dir)
                 bar.update(1)
             if batches and (i + 1 < stop or cfg.quantize_lm_head):
                 for b in batches:
@@ -216,55 +277,62 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: Format, batches:
     bar.close()
 
 
-def _quantize_one_layer(model: StreamedModel, method: Method, fmt: Format, batches: list[Batch], i: int,
-                        layers_dir: Path) -> None:
+def _quantize_one_layer(model: StreamedModel, method: Method, fmt: FormatMap, batches: list[Batch], split: BatchSplit,
+                        i: int, layers_dir: Path) -> None:
     path = model.layer_path(i)
     module = model.layers[i]
     plan_file = layers_dir / f"{i:05d}.safetensors"
-    if plan_file.is_file():
-        quantized, updates = load_layer(plan_file, fmt)
+    main = split.dist is None or split.dist.is_main
+    if broadcast(split.dist, main and plan_file.is_file(), 0):  # rank 0 owns the plan files
+        quantized, updates = broadcast(split.dist, load_layer(plan_file, fmt) if main else None, 0)
         log.info("layer %d: resumed from %s", i, plan_file.name)
     else:
         names = model.linear_names(i)
-        data = LayerData(i, module, model.family, batches, names, run=lambda b, i=i: model.run_layer(i, b))
+        data = LayerData(i, module, model.family, batches, names, run=lambda b, i=i: model.run_layer(i, b),
+                         split=split)
         for n, W in data.weights.items():
             _checked(W, f"{path}.{n}.weight")
-        result = method.quantize_layer(data, fmt)
+        shapes = {n: tuple(W.shape) for n, W in data.weights.items()}
+        result = method.quantize_layer(data, fmt.for_layer(path, shapes))
         quantized = {f"{path}.{n}": qt for n, qt in result.quantized.items()}
         updates = {f"{path}.{n}": t for n, t in result.updates.items()}
-        save_layer(plan_file, quantized, updates, result.stats)
+        if main:
+            save_layer(plan_file, quantized, updates, result.stats)
         if result.stats:
             log.info("layer %d: %s", i, result.stats)
     _apply(model, quantized, updates)
 
 
-def _quantize_lm_head(model: StreamedModel, method: Method, fmt: Format, batches: list[Batch],
+def _quantize_lm_head(model: StreamedModel, method: Method, fmt: FormatMap, batches: list[Batch], split: BatchSplit,
                       layers_dir: Path, cfg: QuantizeConfig) -> None:
     """lm_head in `lmhead_chunks` row chunks, so only one chunk's work is in memory at once.
 
     `batches` hold the last decoder layer's outputs; the final norm turns them into lm_head inputs.
     """
     plan_file = layers_dir / "lm_head.safetensors"
-    if plan_file.is_file():
+    main = split.dist is None or split.dist.is_main
+    if broadcast(split.dist, main and plan_file.is_file(), 0):
         return
     name = model.family.lm_head
     W = _checked(model.materialize(name).weight.detach(), f"{name}.weight")
+    head_fmt = fmt(name, tuple(W.shape))
     norm = model.materialize(model.family.final_norm)
     pieces = []
     for rows in torch.arange(W.shape[0]).chunk(max(1, cfg.lmhead_chunks)):
         chunk = torch.nn.Linear(W.shape[1], len(rows), bias=False, device=W.device, dtype=W.dtype)
         chunk.weight.data = W[rows]
         data = LayerData("lm_head", chunk, model.family, batches, [""],
-                         run=lambda b, m=chunk: m(norm(b.hidden)))
-        pieces.append(method.quantize_layer(data, fmt).quantized[""])
+                         run=lambda b, m=chunk: m(norm(b.hidden)), split=split)
+        pieces.append(method.quantize_layer(data, head_fmt).quantized[""])
     g_idx = pieces[0].g_idx  # chunks share their input, hence any act-order permutation
     if any((p.g_idx is None) != (g_idx is None) or (g_idx is not None and not torch.equal(p.g_idx, g_idx))
            for p in pieces):
         raise LowbitError("lm_head chunks were quantized with different group orders; use --lmhead-chunks 1")
     qt = QuantizedTensor(torch.cat([p.W_q for p in pieces]),
                          QParams(torch.cat([p.qparams.scale for p in pieces]),
-                                 torch.cat([p.qparams.zero for p in pieces])), fmt, g_idx)
-    save_layer(plan_file, {name: qt}, {}, {"chunks": len(pieces)})
+                                 torch.cat([p.qparams.zero for p in pieces])), head_fmt, g_idx)
+    if main:
+        save_layer(plan_file, {name: qt}, {}, {"chunks": len(pieces)})
     model.release(name)
     model.release(model.family.final_norm)
 

@@ -169,7 +169,7 @@ def test_fallback_type():
     assert fallback_type("q4_k", 576) == "q5_0"
     assert fallback_type("q5_k", 896) == "q5_1"
     assert fallback_type("q6_k", 576) == "q8_0"
-    assert fallback_type("q2_k", 576) == "iq4_nl"
+    assert fallback_type("q2_k", 576) == "q4_0"
     assert fallback_type("q4_k", 4096) == "q4_k"
     assert fallback_type("q4_k", 100) == "f16"
     assert fallback_type("q8_0", 100) == "f16"

@@ -350,7 +350,7 @@ def test_cli_flags_reach_the_method(tiny_llama, tmp_path):
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     m = make_method(args.method, opts)
     assert m.solver_options() == {"block_size": 64, "damp": 0.05, "act_order": True, "static_groups": False,
-                                  "true_act_order": False, "observer": "mse"}
+                                  "true_act_order": False, "observer": "mse", "importance": True}
 
 
 # -- awq+gptq ------------------------------------------------------------------------------------

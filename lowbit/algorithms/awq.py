@@ -25,6 +25,7 @@ import torch
 from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from ..formats.base import expand_groups
+from ..formats.map import Formats, per_linear
 from ..model.arch import BalanceGroup
 from ..model.layer import LayerData
 from .base import LayerResult, Method
@@ -74,6 +75,17 @@ def weight_mean(W: torch.Tensor, fmt: Format) -> torch.Tensor:
     """
     G = fmt.grouped(W).abs()
     return (G / (G.amax(dim=-1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
+
+
+def group_weight_mean(Ws: list[torch.Tensor], fmts: list[Format]) -> torch.Tensor:
+    """`weight_mean` of the rows of several linears, each relative to its own format's groups.
+
+    Shapes: Ws[k] [rows_k, in] -> [in]; equal to weight_mean(cat(Ws), fmt) when they share one format.
+    """
+    if all(f is fmts[0] for f in fmts):
+        return weight_mean(torch.cat(Ws), fmts[0])
+    rows = sum(W.shape[0] for W in Ws)
+    return sum(weight_mean(W, f) * (W.shape[0] / rows) for W, f in zip(Ws, fmts))
 
 
 def fold_norm_weight(w: torch.Tensor, s: torch.Tensor, plus_one: bool) -> torch.Tensor:
@@ -184,70 +196,62 @@ class InputStats:
         return {"l2": self.sq, "mean-abs": self.abs}[kind]
 
 
-class _Moments:
-    def __init__(self, n: int, device: torch.device):
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
-        self.sum, self.sq, self.abs = z(n), z(n), z(n)
-        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
-        self.tokens = self.h_tokens = self.batches = 0
+def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batches: int) -> dict[str, torch.Tensor]:
+    """One batch's terms of the moments: float32 within a batch, float64 across batches (H float32)."""
+    terms = {}
+    if batch < stats_batches:
+        terms.update(sum=X.sum(0).double(), sq=X.square().sum(0).double(), abs=X.abs().sum(0).double(),
+                     tokens=torch.tensor(X.shape[0], device=X.device))
+    if batch < hessian_batches:
+        terms.update(H=X.T @ X, h_tokens=torch.tensor(X.shape[0], device=X.device))
+    return terms
 
-    def add(self, X: torch.Tensor, with_h: bool, stats_too: bool) -> None:
-        if stats_too:  # float32 within a batch, float64 across batches
-            self.sum += X.sum(0).double()
-            self.sq += X.square().sum(0).double()
-            self.abs += X.abs().sum(0).double()
-            self.tokens += X.shape[0]
-        if with_h:
-            self.H += X.T @ X
-            self.h_tokens += X.shape[0]
-        self.batches += 1
 
-    def result(self) -> InputStats:
-        n = max(self.tokens, 1)
-        return InputStats((self.sum / n).float(), (self.sq / n).float(), (self.abs / n).float(),
-                          self.H / max(self.h_tokens, 1))
+def _moments(sums: dict[str, torch.Tensor], n_in: int, device: torch.device) -> InputStats:
+    n = max(int(sums["tokens"]), 1) if "tokens" in sums else 1
+    zero = torch.zeros(n_in, dtype=torch.float64, device=device)
+    H = sums["H"] / max(int(sums["h_tokens"]), 1) if "H" in sums else \
+        torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+    return InputStats((sums.get("sum", zero) / n).float(), (sums.get("sq", zero) / n).float(),
+                      (sums.get("abs", zero) / n).float(), H)
 
 
 def collect_stats(layer: LayerData, names: list[str], hessian_batches: int,
                   stats_batches: int | None = None) -> dict[str, InputStats]:
     """One pass over the calibration batches: moments of each named linear's input.
 
-    Moments use the first `stats_batches` batches (all when None), H the first `hessian_batches`.
+    Moments use the first `stats_batches` batches (all when None), H the first `hessian_batches`;
+    sums run in batch order, so processes sharing the batches get one process's figures exactly.
     """
-    acc: dict[str, _Moments] = {}
-    limit = len(layer.batches) if stats_batches is None else stats_batches
-
-    def fn(name: str, X: torch.Tensor) -> None:
-        m = acc.setdefault(name, _Moments(X.shape[1], X.device))
-        m.add(X, with_h=m.batches < hessian_batches, stats_too=m.batches < limit)
-
-    if limit < len(layer.batches):
+    limit = layer.n_batches if stats_batches is None else stats_batches
+    if limit < layer.n_batches:
         layer = search_view(layer, max(limit, hessian_batches))
-    layer.accumulate(names, fn)
-    missing = [n for n in names if n not in acc]
+    sums = layer.batch_sums(names, lambda _n, X, j: _moment_terms(X, j, limit, hessian_batches))
+    missing = [n for n in names if n not in sums]
     if missing:
         raise LowbitError(f"layer {layer.index}: no calibration input reached {', '.join(missing)}; "
                           "the architecture table's balance groups do not match the model")
-    return {n: m.result() for n, m in acc.items()}
+    linear = layer.module.get_submodule
+    return {n: _moments(s, linear(n).in_features, linear(n).weight.device) for n, s in sums.items()}
 
 
 def batches_for(layer: LayerData, tokens: int) -> int:
     """How many leading calibration batches hold at least `tokens` tokens (0 = all batches)."""
     if tokens <= 0:
-        return len(layer.batches)
+        return layer.n_batches
     seen = 0
-    for i, b in enumerate(layer.batches):
-        seen += b.hidden.shape[:-1].numel()
+    for i, n in enumerate(layer.batch_tokens):
+        seen += n
         if seen >= tokens:
             return i + 1
-    return len(layer.batches)
+    return layer.n_batches
 
 
 def search_view(layer: LayerData, n_batches: int) -> LayerData:
     """The same live layer seen through only its first `n_batches` calibration batches."""
-    if n_batches >= len(layer.batches):
+    if n_batches >= layer.n_batches:
         return layer
-    return LayerData(layer.index, layer.module, layer.family, layer.batches[:n_batches], (), layer.run)
+    return layer.view(n_batches)
 
 
 # -- folding -------------------------------------------------------------------------------------
@@ -400,12 +404,19 @@ class AWQ(Method):
     (x̄^α / w̄^(1−α)); clip on/off with AutoAWQ's clip_grid/max_shrink; search_tokens: calibration
     tokens the block objective and H use (0 = all, as AutoAWQ). The search runs each group's block
     n_grid times over those tokens: on a CPU, about 18 forward passes of the layer with all 128×512
-    tokens, 3 with --search-tokens 8192.
+    tokens, 3 with --search-tokens 8192. importance: formats whose encoders weigh weights by an
+    importance vector (GGUF's imatrix) get E[x²] of each linear's folded input, as llama-quantize
+    --imatrix would from an imatrix of the folded model.
+
+    Per linear the format may differ (a GGUF preset): the α search rounds each linear onto its own
+    format's `search_grid` (a min-max stand-in where the real encoder is slow, the K-quants), the
+    clipping search runs where that stand-in is the format itself (K-quant encoders search their own
+    range, weighted by the importance), and the final codes are the format's own encoding.
     """
 
     name = "awq"
     defaults = {"n_grid": 20, "salience": "l2", "duo_scaling": False, "clip": True, "clip_grid": 20,
-                "max_shrink": 0.5, "search_tokens": 8192}
+                "max_shrink": 0.5, "search_tokens": 8192, "importance": True}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -431,12 +442,17 @@ class AWQ(Method):
         return 0
 
     # Orchestration -------------------------------------------------------------------------------
-    def quantize_layer(self, layer: LayerData, fmt: Format) -> LayerResult:
+    def quantize_layer(self, layer: LayerData, fmt: Formats) -> LayerResult:
+        fmt = per_linear(fmt, layer.weights)
         plan = self.plan(layer, fmt)
         quantized, stats = self.encode(layer, plan, fmt)
         return LayerResult(quantized, plan.state.updates, {"groups": plan.info, **stats})
 
-    def plan(self, layer: LayerData, fmt: Format) -> LayerPlan:
+    def importance(self, X: InputStats, fmt: Format) -> torch.Tensor | None:
+        """The imatrix for `fmt`'s encoder: E[x²] of the (work-space) input, if the format takes one."""
+        return X.sq if self.options["importance"] and fmt.uses_importance else None
+
+    def plan(self, layer: LayerData, fmt: Formats) -> LayerPlan:
         """Search every balance group's scales in order, each on the layer with the earlier ones folded."""
         keys = input_keys(layer)
         reps = list(dict.fromkeys(keys.values()))
@@ -457,13 +473,15 @@ class AWQ(Method):
         return plan
 
     def search(self, layer: LayerData, view: LayerData, plan: LayerPlan, group: BalanceGroup,
-               fmt: Format) -> tuple[torch.Tensor, dict]:
+               fmt: Formats) -> tuple[torch.Tensor, dict]:
         """AutoAWQ's grid: α = i / n_grid, s(α) applied as Q(W·s)/s, the block-output MSE minimised."""
+        grids = {n: f.search_grid() for n, f in per_linear(fmt, group.linears).items()}
         X = plan.inputs(group.linears[0])
         x = X.salience(self.options["salience"])
         w_mean = None
         if self.options["duo_scaling"]:
-            w_mean = weight_mean(torch.cat([plan.state.weights[n] for n in group.linears]), fmt)
+            w_mean = group_weight_mean([plan.state.weights[n] for n in group.linears],
+                                       [grids[n] for n in group.linears])
         loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]].H,
                                   layer.weights)
         best = (float("inf"), 0.0, torch.ones_like(x))  # no finite loss at all: leave the group unscaled
@@ -475,24 +493,30 @@ class AWQ(Method):
             W_r = {}
             for n in group.linears:
                 W_s = plan.state.weights[n] * s
-                W_r[n] = self.round(W_s, fmt.encode(W_s), Xs, n).dequantize() / s
+                W_r[n] = self.round(W_s, grids[n].encode(W_s), Xs, n).dequantize() / s
             losses.append(loss_of(W_r))
             if losses[-1] < best[0]:
                 best = (losses[-1], alpha, s)
         return best[2], {"alpha": best[1], "loss": best[0], "loss_alpha0": losses[0]}
 
-    def encode(self, layer: LayerData, plan: LayerPlan, fmt: Format) -> tuple[dict[str, QuantizedTensor], dict]:
+    def encode(self, layer: LayerData, plan: LayerPlan, fmt: Formats) -> tuple[dict[str, QuantizedTensor], dict]:
         """Clip search (skipping q/k) and rounding for every linear, on the folded weights."""
         ratios = clip_ratios(self.options["clip_grid"], self.options["max_shrink"])
-        quantized, clips, rstats = {}, {}, {}
-        for n, W in plan.state.weights.items():
-            X = plan.inputs(n)
-            clip = None
-            if self.options["clip"] and clippable(n):
-                clip, _ = clip_search(W, X.H, fmt, ratios)
-                clips[n] = float(clip.mean())
-            rstats[n] = {}
-            quantized[n] = self.round(W, fmt.encode(W, clip), X, n, rstats[n])
+        fmts = per_linear(fmt, plan.state.weights)
+
+        def one(n: str) -> tuple[QuantizedTensor, float | None, dict]:
+            W, X, f = plan.state.weights[n], plan.inputs(n), fmts[n]
+            clip, rstats = None, {}
+            if self.options["clip"] and clippable(n) and f.search_grid() is f:
+                clip, _ = clip_search(W, X.H, f, ratios)
+            qt = f.encode(W, clip, importance=self.importance(X, f))
+            return self.round(W, qt, X, n, rstats), None if clip is None else float(clip.mean()), rstats
+
+        # independent per linear: under torch.distributed each process takes a share (by weight size)
+        done = layer.map(list(plan.state.weights), one, cost=lambda n: plan.state.weights[n].numel())
+        quantized = {n: qt for n, (qt, _, _) in done.items()}
+        clips = {n: c for n, (_, c, _) in done.items() if c is not None}
+        rstats = {n: r for n, (_, _, r) in done.items()}
         out: dict = {"clip_mean": clips}
         if any(rstats.values()):
             out["rounding"] = {n: v for n, v in rstats.items() if v}

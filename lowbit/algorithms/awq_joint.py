@@ -26,10 +26,11 @@ import torch
 
 from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
+from ..formats.map import Formats, per_linear
 from ..model.arch import BalanceGroup
 from ..model.layer import LayerData
 from .awq import (AWQ, InputStats, LayerPlan, awq_scales, block_objective, clip_ratios, clip_search, clippable,
-                  flip_candidates, one_cpu_thread, output_error, weight_mean)
+                  flip_candidates, group_weight_mean, one_cpu_thread, output_error)
 
 
 # -- pure math ------------------------------------------------------------------------------------
@@ -120,17 +121,20 @@ class AWQJoint(AWQ):
             stats["flipped_pct"] = 100 * flipped / W.numel()
         return QuantizedTensor(W_q, qt.qparams, qt.format)
 
-    def screen(self, plan: LayerPlan, group: BalanceGroup, fmt: Format) -> list[tuple[float, float, torch.Tensor]]:
+    def screen(self, plan: LayerPlan, group: BalanceGroup, fmt: Formats) -> list[tuple[float, float, torch.Tensor]]:
         """Every α with its clipping ranges searched: (summed group errors, α, s), best first.
 
         Rows add up independently in the error, so a fixed strided sample of `screen_rows` rows per
         linear ranks the α's at a fraction of the cost; the chosen few are refitted on all rows.
+        Each linear is rounded onto its format's `search_grid` here.
         """
+        grids = {n: f.search_grid() for n, f in per_linear(fmt, group.linears).items()}
         X = plan.inputs(group.linears[0])
         x = X.salience(self.options["salience"])
         w_mean = None
         if self.options["duo_scaling"]:
-            w_mean = weight_mean(torch.cat([plan.state.weights[n] for n in group.linears]), fmt)
+            w_mean = group_weight_mean([plan.state.weights[n] for n in group.linears],
+                                       [grids[n] for n in group.linears])
         ratios = clip_ratios(self.options["clip_grid"], self.options["max_shrink"])
         sample = {n: _strided_rows(plan.state.weights[n], self.options["screen_rows"]) for n in group.linears}
         found = []
@@ -141,18 +145,20 @@ class AWQJoint(AWQ):
             err = 0.0
             for n in group.linears:
                 use = ratios if self.options["clip"] and clippable(n) else [1.0]
-                err += float(clip_search(sample[n] * s, H, fmt, use)[1].sum())
+                err += float(clip_search(sample[n] * s, H, grids[n], use)[1].sum())
             found.append((err, alpha, s))
         return sorted(found, key=lambda f: f[0])
 
     def search(self, layer: LayerData, view: LayerData, plan: LayerPlan, group: BalanceGroup,
-               fmt: Format) -> tuple[torch.Tensor, dict]:
+               fmt: Formats) -> tuple[torch.Tensor, dict]:
         """The screened top_k (α, clip) pairs and plain RTN, each with its final codes, judged on the
         group's block objective; the best is kept (its codes too, see `encode`)."""
+        fmts = per_linear(fmt, group.linears)
         X = plan.inputs(group.linears[0])
         loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]].H,
                                   layer.weights)
-        rtn = {n: fmt.encode(plan.state.weights[n]) for n in group.linears}
+        rtn = {n: fmts[n].encode(plan.state.weights[n], importance=self.importance(X, fmts[n]))
+               for n in group.linears}
         tried = [(loss_of({n: qt.dequantize() for n, qt in rtn.items()}), -1.0, torch.ones_like(X.mean), rtn)]
         with one_cpu_thread(X.mean.device):
             screened = self.screen(plan, group, fmt)[: self.options["top_k"]]
@@ -164,25 +170,35 @@ class AWQJoint(AWQ):
             plan.chosen[n] = (qt, plan.state.row[n].clone())
         return s, {"alpha": None if alpha < 0 else alpha, "loss": loss, "loss_rtn": tried[0][0]}
 
-    def fit_codes(self, Ws: dict[str, torch.Tensor], X: InputStats, fmt: Format) -> dict[str, QuantizedTensor]:
-        """Clipping ranges (q/k excepted) and codes for linears that share the input X (work space);
-        their rows are rounded as one matrix."""
+    def fit_codes(self, Ws: dict[str, torch.Tensor], X: InputStats, fmt: Formats) -> dict[str, QuantizedTensor]:
+        """Clipping ranges (q/k excepted, and the K-quants, whose encoders search their own range) and
+        codes for linears that share the input X (work space); the rows of linears on one format are
+        rounded as one matrix."""
         ratios = clip_ratios(self.options["clip_grid"], self.options["max_shrink"])
+        fmts = per_linear(fmt, Ws)
+        out: dict[str, QuantizedTensor] = {}
         with one_cpu_thread(X.mean.device):
-            qts = {n: fmt.encode(W, clip_search(W, X.H, fmt, ratios)[0] if self.options["clip"] and clippable(n)
-                                 else None) for n, W in Ws.items()}
-            first = next(iter(qts.values()))
-            joint = self.round(torch.cat(list(Ws.values())),
-                               QuantizedTensor(torch.cat([q.W_q for q in qts.values()]),
-                                               QParams(torch.cat([q.qparams.scale for q in qts.values()]),
-                                                       torch.cat([q.qparams.zero for q in qts.values()])),
-                                               first.format), X, ",".join(Ws))
-        rows = [W.shape[0] for W in Ws.values()]
-        return {n: QuantizedTensor(codes, qts[n].qparams, qts[n].format)
-                for n, codes in zip(Ws, joint.W_q.split(rows))}
+            qts = {}
+            for n, W in Ws.items():
+                f = fmts[n]
+                clip = (clip_search(W, X.H, f, ratios)[0]
+                        if self.options["clip"] and clippable(n) and f.search_grid() is f else None)
+                qts[n] = f.encode(W, clip, importance=self.importance(X, f))
+            for f in dict.fromkeys(fmts.values()):
+                names = [n for n in Ws if fmts[n] is f]
+                joint = self.round(torch.cat([Ws[n] for n in names]),
+                                   QuantizedTensor(torch.cat([qts[n].W_q for n in names]),
+                                                   QParams(torch.cat([qts[n].qparams.scale for n in names]),
+                                                           torch.cat([qts[n].qparams.zero for n in names])),
+                                                   qts[names[0]].format), X, ",".join(names))
+                rows = [Ws[n].shape[0] for n in names]
+                out.update({n: QuantizedTensor(codes, qts[n].qparams, qts[n].format)
+                            for n, codes in zip(names, joint.W_q.split(rows))})
+        return {n: out[n] for n in Ws}
 
-    def encode(self, layer: LayerData, plan: LayerPlan, fmt: Format) -> tuple[dict[str, QuantizedTensor], dict]:
+    def encode(self, layer: LayerData, plan: LayerPlan, fmt: Formats) -> tuple[dict[str, QuantizedTensor], dict]:
         """Codes chosen by the search where still valid; the same clip + rounding for the rest."""
+        fmts = per_linear(fmt, plan.state.weights)
         quantized, errors = {}, {}
         for n, W in plan.state.weights.items():
             X = plan.inputs(n)
@@ -190,7 +206,7 @@ class AWQJoint(AWQ):
             if kept is not None and torch.equal(kept[1], plan.state.row[n]):
                 quantized[n] = kept[0]
             else:
-                quantized[n] = self.fit_codes({n: W}, X, fmt)[n]
+                quantized[n] = self.fit_codes({n: W}, X, fmts[n])[n]
             errors[n] = output_error(quantized[n].dequantize() - W, X.H)
         return quantized, {"output_mse": errors}
 

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import LowbitError
-from ..formats import Format, QuantizedTensor
+from ..formats import QuantizedTensor
+from ..formats.map import Formats
 
 
 @dataclass
@@ -41,5 +42,6 @@ class Method(ABC):
         self.options = {**self.defaults, **options}
 
     @abstractmethod
-    def quantize_layer(self, layer, fmt: Format) -> LayerResult:
-        """Quantize every linear in `layer` (a model.layer.LayerData) onto `fmt`'s grid."""
+    def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
+        """Quantize every linear in `layer` (a model.layer.LayerData) onto `fmt`'s grid: one Format
+        for all, or {linear name: Format} (a GGUF preset; see formats/map.py's `per_linear`)."""

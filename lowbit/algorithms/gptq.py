@@ -34,6 +34,7 @@ import torch
 
 from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
+from ..formats.map import Formats, per_linear
 from .awq import AWQ
 from .base import LayerResult, Method
 
@@ -77,6 +78,8 @@ def collect_hessians(layer, names: Sequence[str]) -> tuple[dict[str, torch.Tenso
     """
     sums: dict[str, HessianSum] = {}
     shared = layer.accumulate(list(names), lambda n, X: sums.setdefault(n, HessianSum()).add(X))
+    for s in sums.values():  # calibration batches split over processes: add up every process's share
+        s.XtX, s.n_tokens = layer.sum_over_processes(s.XtX), layer.sum_over_processes(s.n_tokens)
     return {n: s.hessian() for n, s in sums.items()}, dict(shared or {})
 
 
@@ -118,7 +121,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, **options: Any)
 
 def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Format, *, block_size: int = 128,
                          damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                         true_act_order: bool = False, observer: str = "minmax") -> list[GPTQResult]:
+                         true_act_order: bool = False, observer: str = "minmax",
+                         importance: bool = False) -> list[GPTQResult]:
     """GPTQ of several weight matrices that read the same input: one inverse Hessian for all.
 
     Their rows are solved together (GPTQ treats rows independently, so this equals solving each
@@ -127,7 +131,9 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
     block_size: columns per lazy-update block (speed only; groups never straddle a block badly);
     damp: dampening relative to mean(diag H); act_order: columns by descending diag H, with
     static groups; static_groups: every group's grid from the original W; true_act_order: the
-    permuted order with groups fitted along it (-> g_idx); observer: "minmax" or "mse".
+    permuted order with groups fitted along it (-> g_idx); observer: "minmax" or "mse";
+    importance: formats that weigh their fit by an importance vector (GGUF's imatrix) get
+    diag(H) / 2 = E[x²] of the fitted columns.
 
     Shapes: Ws[k] [out_k, in]; H [in, in] = 2 XᵀX / n_tokens.
     """
@@ -167,15 +173,17 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
 
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if (act_order or true_act_order) else None
     use_static = static_groups or (act_order and not true_act_order)
+    imp = torch.diag(H_orig) / 2 if importance and fmt.uses_importance else None  # E[x²] per column
     prepared = []
     for members, f in jobs:
         rows = [Ws[k].shape[0] for k in members]
         fit = _row_split_fit(f, rows, observer, unit)
         W = torch.cat([Ws[k] for k in members])
-        static = fit(W) if use_static else None
+        static = fit(W, imp) if use_static else None
         prepared.append((members, f, W if perm is None else W[:, perm], fit, static))
     if perm is not None:
         H = H[perm][:, perm]
+    imp_p = imp if imp is None or perm is None else imp[perm]  # in processing order
 
     d = damp
     for attempt in range(MAX_ATTEMPTS):
@@ -183,7 +191,7 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
         if U is None:
             why = "Cholesky factorization failed"
         else:
-            solved = [_solve(W.clone(), U, f, gl, unit, block_size, fit, static, perm)
+            solved = [_solve(W.clone(), U, f, gl, unit, block_size, fit, static, perm, imp_p)
                       for _, f, W, fit, static in prepared]
             if all(torch.isfinite(qp.scale).all() and torch.isfinite(qp.zero).all() for _, qp in solved):
                 break
@@ -230,10 +238,11 @@ def fit_length(fmt: Format, n_in: int) -> int:
     return n_in
 
 
-def _row_split_fit(fmt: Format, rows: list[int], observer: str, unit: int) -> Callable[[torch.Tensor], QParams]:
-    """Grid of W_cols [sum(rows), cols] fitted per matrix of a row stack (a format may couple a matrix's rows)."""
-    def fit(W_cols: torch.Tensor) -> QParams:
-        parts = [_observe(fmt, P, observer, unit) for P in W_cols.split(rows)]
+def _row_split_fit(fmt: Format, rows: list[int], observer: str, unit: int) -> Callable[..., QParams]:
+    """Grid of W_cols [sum(rows), cols] fitted per matrix of a row stack (a format may couple a matrix's rows),
+    with the importance [cols] of those columns, if any."""
+    def fit(W_cols: torch.Tensor, importance: torch.Tensor | None = None) -> QParams:
+        parts = [_observe(fmt, P, observer, unit, importance) for P in W_cols.split(rows)]
         return QParams(torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]))
     return fit
 
@@ -264,8 +273,8 @@ def _block_bounds(n_in: int, unit: int, block_size: int) -> list[int]:
 
 
 def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, block_size: int,
-           fit: Callable[[torch.Tensor], QParams], static: QParams | None,
-           perm: torch.Tensor | None) -> tuple[torch.Tensor, QParams]:
+           fit: Callable[..., QParams], static: QParams | None,
+           perm: torch.Tensor | None, imp: torch.Tensor | None = None) -> tuple[torch.Tensor, QParams]:
     """The column loop. W [out, in] (columns in processing order, updated in place); U [in, in].
 
     Returns codes [out, in] in processing order and the grid: `static` as given, or the groups
@@ -299,7 +308,7 @@ def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, bl
                     else:  # the unit spans later blocks; it starts this block, so W is up to date here
                         assert i == 0
                         cols = W[:, j:j + unit]
-                    qp = fit(cols)
+                    qp = fit(cols, None if imp is None else imp[j:j + unit])
                     scale[:, g:g + unit // gl], zero[:, g:g + unit // gl] = qp.scale, qp.zero
             s, z = scale[:, g:g + 1], zero[:, g:g + 1]
             w = W1[:, i:i + 1]
@@ -315,9 +324,13 @@ def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, bl
     return W_q, QParams(scale, zero)
 
 
-def _observe(fmt: Format, W: torch.Tensor, observer: str, unit: int | None = None) -> QParams:
+def _observe(fmt: Format, W: torch.Tensor, observer: str, unit: int | None = None,
+             importance: torch.Tensor | None = None) -> QParams:
     """Grid for W [out, cols] (cols a multiple of `unit`, default one group): min-max, or the
-    range shrink per unit of columns (see `fit_length`) whose rounding error is least."""
+    range shrink per unit of columns (see `fit_length`) whose rounding error is least.
+    `importance` [cols] goes to formats whose fit takes it (`uses_importance`)."""
+    if importance is not None:
+        return _observe_weighted(fmt, W, observer, unit, importance)
     if observer == "minmax":
         return fmt.fit(W)
     gl = fmt.group_length(W.shape[1])
@@ -339,31 +352,74 @@ def _observe(fmt: Format, W: torch.Tensor, observer: str, unit: int | None = Non
     return best
 
 
+def _observe_weighted(fmt: Format, W: torch.Tensor, observer: str, unit: int | None,
+                      importance: torch.Tensor) -> QParams:
+    """`_observe` for an importance-weighted fit: the format's own weighted search (llama.cpp's
+    *_impl encoders), range shrinks judged by the importance-weighted squared error."""
+    if observer == "minmax":
+        return fmt.fit(W, None, importance)
+    gl = fmt.group_length(W.shape[1])
+    per_unit = (unit or gl) // gl
+    best, best_err = None, None
+    for shrink in MSE_SHRINKS:
+        qp = fmt.fit(W, shrink, importance)
+        err = ((fmt.dequantize(fmt.quantize(W, qp), qp) - W).pow(2) * importance).reshape(W.shape[0], -1,
+                                                                                          unit or gl).sum(-1)
+        if best is None:
+            best, best_err = qp, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        better = better.repeat_interleave(per_unit, dim=1)
+        best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero, best.zero))
+    assert best is not None
+    return best
+
+
 # -- plumbing ------------------------------------------------------------------------------------
+def _each(keys: list[str], fn: Callable, cost: Callable) -> dict:
+    return {k: fn(k) for k in keys}
+
+
 def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],
-                fmt: Format, **options: Any) -> LayerResult:
-    """GPTQ every linear in `weights` with the H of its input; one inverse per distinct input.
+                fmt: Formats, map_inputs: Callable = _each, **options: Any) -> LayerResult:
+    """GPTQ every linear in `weights` with the H of its input; one inverse per distinct input and format
+    (linears of a GGUF preset that share an input may sit on different grids, each solved on its own).
 
     `shared` maps a linear to the key of its H in `hessians` (collect_hessians' second result).
     A linear that no calibration token reached falls back to RTN, with a warning.
+    `map_inputs(keys, solve, cost) -> {key: solve(key)}` runs the solves (LayerData.map shares them
+    out over processes under torch.distributed).
     """
+    fmts = per_linear(fmt, weights)
     quantized: dict[str, QuantizedTensor] = {}
     stats: dict[str, Any] = {"loss": {}, "rtn_loss": {}}
-    by_input: dict[str, list[str]] = {}
+    by_input: dict[tuple[str, str], list[str]] = {}  # (H key, format name) -> linears
     for n in weights:
         if shared.get(n) in hessians:
-            by_input.setdefault(shared[n], []).append(n)
+            by_input.setdefault((shared[n], fmts[n].name), []).append(n)
         else:
             log.warning("GPTQ: no calibration input reached %s; using round-to-nearest for it", n)
-            quantized[n] = fmt.encode(weights[n])
+            quantized[n] = fmts[n].encode(weights[n])
             stats.setdefault("rtn_fallback", []).append(n)
+
+    def solve(key: tuple[str, str]) -> tuple[list[GPTQResult], list[float]]:
+        names, H = by_input[key], hessians[key[0]]
+        f = fmts[names[0]]
+        return (gptq_quantize_shared([weights[n] for n in names], H, f, **options),
+                [reconstruction_loss(weights[n], f.fake_quantize(weights[n]), H) for n in names])
+
+    def cost(key: tuple[str, str]) -> float:  # the column loop's updates plus the inverse
+        n_in = hessians[key[0]].shape[0]
+        return sum(weights[n].shape[0] for n in by_input[key]) * n_in**2 + n_in**3
+
+    solved = map_inputs(list(by_input), solve, cost)
     for key, names in by_input.items():
-        H = hessians[key]
-        results = gptq_quantize_shared([weights[n] for n in names], H, fmt, **options)
-        for n, r in zip(names, results):
+        results, rtn_losses = solved[key]
+        for n, r, rtn_loss in zip(names, results, rtn_losses):
             quantized[n] = r.quantized
             stats["loss"][n] = r.loss
-            stats["rtn_loss"][n] = reconstruction_loss(weights[n], fmt.fake_quantize(weights[n]), H)
+            stats["rtn_loss"][n] = rtn_loss
             if r.damp != options.get("damp", 0.01):
                 stats.setdefault("damp", {})[n] = r.damp
     return LayerResult({n: quantized[n] for n in weights}, stats=stats)
@@ -378,6 +434,7 @@ class GPTQ(Method):
         "static_groups": False,
         "true_act_order": False,
         "observer": "minmax",
+        "importance": True,
     }
 
     def __init__(self, **options: Any):
@@ -395,11 +452,11 @@ class GPTQ(Method):
         o = self.options
         return {"block_size": int(o["block_size"]), "damp": float(o["damp"]), "act_order": bool(o["act_order"]),
                 "static_groups": bool(o["static_groups"]), "true_act_order": bool(o["true_act_order"]),
-                "observer": o["observer"]}
+                "observer": o["observer"], "importance": bool(o["importance"])}
 
-    def quantize_layer(self, layer, fmt: Format) -> LayerResult:
+    def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
         hessians, shared = collect_hessians(layer, list(layer.weights))
-        return solve_layer(layer.weights, hessians, shared, fmt, **self.solver_options())
+        return solve_layer(layer.weights, hessians, shared, fmt, layer.map, **self.solver_options())
 
 
 # -- awq+gptq --------------------------------------------------------------------------------------
@@ -429,7 +486,8 @@ class AWQGPTQ(Method):
         self.awq = _AWQScales(**{k: self.options[k] for k in _AWQ_OPTIONS}, clip=False)
         self.gptq = GPTQ(**{k: self.options[k] for k in GPTQ.defaults})
 
-    def quantize_layer(self, layer, fmt: Format) -> LayerResult:
+    def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
+        fmt = per_linear(fmt, layer.weights)
         plan = self.awq.plan(layer, fmt)
         hessians: dict[str, torch.Tensor] = {}
         shared: dict[str, str] = {}
@@ -440,5 +498,5 @@ class AWQGPTQ(Method):
             shared[n] = rep
             if rep not in hessians:
                 hessians[rep] = 2 * plan.inputs(rep).H  # E[x xᵀ] in work space -> 2 XᵀX / n
-        result = solve_layer(plan.state.weights, hessians, shared, fmt, **self.gptq.solver_options())
+        result = solve_layer(plan.state.weights, hessians, shared, fmt, layer.map, **self.gptq.solver_options())
         return LayerResult(result.quantized, plan.state.updates, {"groups": plan.info, **result.stats})

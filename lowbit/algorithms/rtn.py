@@ -1,7 +1,7 @@
 """Round-to-nearest on a min-max grid: the baseline every other method must beat."""
 from __future__ import annotations
 
-from ..formats import Format
+from ..formats.map import Formats, per_linear
 from .base import LayerResult, Method
 
 
@@ -9,5 +9,6 @@ class RTN(Method):
     name = "rtn"
     needs_calibration = False
 
-    def quantize_layer(self, layer, fmt: Format) -> LayerResult:
-        return LayerResult({n: fmt.encode(W) for n, W in layer.weights.items()})
+    def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
+        fmts = per_linear(fmt, layer.weights)
+        return LayerResult({n: fmts[n].encode(W) for n, W in layer.weights.items()})

@@ -1,4 +1,4 @@
-"""Command-line registration for inspect, size, gate, recommend and report.
+"""Command-line registration for eval, compare, inspect, size, gate, recommend and report.
 
 Each `add_*` is a ``register(subparsers)`` function listed in ``lowbit.cli.COMMANDS``; handlers
 turn parsed arguments into calls of the pure functions and print. Only `lowbit.cli.main` reads argv.
@@ -13,6 +13,124 @@ from pathlib import Path
 from ..errors import LowbitError
 
 DEFAULT_RESERVE = "10%"  # vLLM's default gpu_memory_utilization of 0.9
+
+
+# -- eval ---------------------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="KLD, perplexity and top-1 of one or more candidates against the base model; "
+                                    "optionally on the base's own answers, on tasks, and serving figures")
+    e.add_argument("--model-path", required=True, nargs="+", help="one or more candidates")
+    e.add_argument("--base", required=True)
+    e.add_argument("--text", default="moby-dick", help="held-out text: file, embedded name or hub dataset")
+    e.add_argument("--no-text", action="store_true", help="skip the held-out text (e.g. only --tasks or --serving)")
+    e.add_argument("--ctx", type=int, default=512)
+    e.add_argument("--n-windows", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% CIs (0 = none)")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    e.add_argument("--no-cache", action="store_true",
+                   help="keep no base hidden states or answers on disk (default: ~/.cache/lowbit/eval or "
+                        "$LOWBIT_CACHE/eval); the base then runs beside each candidate")
+    a = e.add_argument_group("KLD on the base's own answers (seed 000)")
+    a.add_argument("--answers", action="store_true",
+                   help="the base answers prompts through its chat template; candidates are scored on those tokens")
+    a.add_argument("--prompts", default=None, help="prompt file: .jsonl (\"prompt\" field) or .txt (one a line); "
+                                                   "default: the embedded set of 40")
+    a.add_argument("--n-prompts", type=int, default=None, help="use the first N prompts")
+    a.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
+    a.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy answers")
+    a.add_argument("--temperature", type=float, default=1.0)
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--gen-seed", type=int, default=0, help="sampling seed")
+    a.add_argument("--gen-batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    t = e.add_argument_group("tasks")
+    t.add_argument("--tasks", default=None,
+                   help="tasks .jsonl file, 'demo' (embedded), or lm-evaluation-harness task names (needs lm-eval)")
+    t.add_argument("--task-limit", type=int, default=None, help="at most N items per task")
+    s = e.add_argument_group("serving")
+    s.add_argument("--serving", action="store_true",
+                   help="prefill/decode tokens/s, p95 per-token latency and peak memory of base and candidates")
+    s.add_argument("--serving-prompt", type=int, default=128, help="prompt tokens (default 128)")
+    s.add_argument("--serving-new-tokens", type=int, default=64, help="decode steps (default 64)")
+    s.add_argument("--serving-repeats", type=int, default=3)
+    s.add_argument("--serving-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--serving-in-process", action="store_true",
+                   help="measure in this process (faster; peak memory then includes everything loaded before)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(handler=run_eval)
+
+
+def run_eval(args) -> None:
+    from .suite import format_suite, suite_json
+    if args.no_text and not (args.answers or args.tasks or args.serving):
+        raise LowbitError("--no-text leaves nothing to measure; add --answers, --tasks or --serving")
+    common = dict(device=args.device, progress=not args.quiet)
+    text = answers = tasks = serving = None
+    if not args.no_text:
+        from .compare import evaluate_many
+        text = evaluate_many(args.model_path, args.base, text=args.text, ctx=args.ctx, n_windows=args.n_windows,
+                             batch_size=args.batch_size, use_cache=not args.no_cache, n_bootstrap=args.bootstrap,
+                             seed=args.seed, **common)
+    if args.answers:
+        from .answers import GenerationConfig, evaluate_answers
+        gen = GenerationConfig(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.gen_seed,
+                               args.gen_batch_size)
+        answers = evaluate_answers(args.model_path, args.base, args.prompts, args.n_prompts, gen,
+                                   use_cache=not args.no_cache, n_bootstrap=args.bootstrap, seed=args.seed, **common)
+    if args.tasks:
+        from .tasks import evaluate_tasks
+        tasks = evaluate_tasks(args.model_path, args.base, args.tasks, limit=args.task_limit,
+                               n_bootstrap=args.bootstrap, seed=args.seed, **common)
+    if args.serving:
+        from .serving import ServingConfig, bench_many
+        cfg = ServingConfig(args.serving_prompt, args.serving_new_tokens, args.serving_repeats, args.device,
+                            args.serving_dtype)
+        serving = bench_many(args.model_path, args.base, cfg, isolate=not args.serving_in_process)
+    if args.json:
+        print(json.dumps(suite_json(args.model_path, args.base, text, answers, tasks, serving), indent=2))
+    else:
+        print(format_suite(text, answers, tasks, serving))
+
+
+# -- compare ------------------------------------------------------------------------------------
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="two quantized models of one base side by side (e.g. dh-awq vs awq): "
+                                       "ppl, KLD to the base and between them, per-layer weight differences, flips")
+    p.add_argument("--heuristic-path", required=True, metavar="A", help="the candidate with the extra step (A)")
+    p.add_argument("--standard-path", required=True, metavar="B", help="the reference method (B)")
+    p.add_argument("--base", default=None, help="the float base (default: the source recorded in A's lowbit.json)")
+    p.add_argument("--n-samples", type=int, default=40,
+                   help="held-out windows of --ctx tokens to score (capped at what the text holds; 0 = weights only)")
+    p.add_argument("--text", default="moby-dick")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out", default=None, help="write the plot (OUT.png) and every figure (OUT.json)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run_compare)
+
+
+def run_compare(args) -> None:
+    from .pair import compare_pair, format_pair, plot_pair
+    if args.n_samples < 0:
+        raise LowbitError("--n-samples must be 0 (weights only) or more")
+    kw = {} if args.n_samples == 0 else dict(text=args.text, ctx=args.ctx, device=args.device,
+                                             batch_size=args.batch_size, progress=not args.quiet,
+                                             use_cache=not args.no_cache, n_bootstrap=args.bootstrap)
+    rep = compare_pair(args.heuristic_path, args.standard_path, args.base, n_windows=args.n_samples, **kw)
+    if args.out:
+        out = Path(args.out)
+        out = out if out.suffix == ".png" else out.with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(plot_pair(rep))
+        out.with_suffix(".json").write_text(json.dumps(rep.to_json(), indent=2))
+    if args.json:
+        print(json.dumps(rep.to_json(), indent=2))
+    else:
+        print(format_pair(rep) + (f"\nplot: {out}" if args.out else ""))
 
 
 # -- inspect ------------------------------------------------------------------------------------
@@ -100,8 +218,10 @@ def add_gate(sub) -> None:
     p.add_argument("--max-ppl-increase", default=None, help="relative perplexity increase, e.g. 3%%")
     p.add_argument("--max-task-drop", default=None, help="accuracy drop per task in points, e.g. 1%%")
     p.add_argument("--max-memory", default=None, help="serving memory, e.g. 8GiB")
-    p.add_argument("--min-tokens-per-s", type=float, default=None)
-    p.add_argument("--max-p95-ms", type=float, default=None)
+    p.add_argument("--min-tokens-per-s", type=float, default=None, help="decode tokens/s (lowbit eval --serving)")
+    p.add_argument("--min-prefill-tokens-per-s", type=float, default=None)
+    p.add_argument("--max-p95-latency", default=None, help="p95 per-token decode latency, e.g. 50ms or 0.05s")
+    p.add_argument("--max-p95-ms", type=float, default=None, help="the same in milliseconds")
     p.add_argument("--use-ci", action="store_true", help="judge the pessimistic end of the 95%% intervals")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run_gate)
@@ -113,7 +233,7 @@ def run_gate(args) -> int:
     if args.thresholds:
         spec.update(_read_mapping(Path(args.thresholds)))
     for key in ("max_kld", "min_top1", "max_ppl_increase", "max_task_drop", "max_memory", "min_tokens_per_s",
-                "max_p95_ms"):
+                "min_prefill_tokens_per_s", "max_p95_latency", "max_p95_ms"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     if args.use_ci:
@@ -251,5 +371,5 @@ def run_report(args) -> None:
     print(f"{html_path}\n{md_path}")
 
 
-COMMANDS = [add_inspect, add_size, add_gate, add_recommend, add_report]
+COMMANDS = [add_eval, add_compare, add_inspect, add_size, add_gate, add_recommend, add_report]
 

@@ -54,6 +54,30 @@ def evaluate_many(model_paths: list[str], base_path: str, text: str = "moby-dick
     windows = eval_windows(tok, src, ctx, n_windows)
     n = int(windows.shape[0])
 
+    base_logits = base_logits_source(base_path, base_dir, src, ctx, windows, device, batch_size, progress,
+                                     use_cache, cache_root)
+
+    results = []
+    for path, d in zip(model_paths, cand_dirs):
+        stats = _score(path, base_logits, windows, device, batch_size, progress)
+        metrics = summarize(stats)
+        metrics["ppl_increase_pct"] = 100.0 * (metrics["ppl"] / metrics["ppl_base"] - 1)
+        if n_bootstrap > 0:
+            ci = bootstrap_ci(window_sums(stats, [ctx - 1] * n), n_bootstrap, 0.95, seed)
+            for k in CI_FIGURES:
+                metrics[f"{k}_ci_lo"], metrics[f"{k}_ci_hi"] = ci[k]
+        metrics["size_bytes"] = model_size_bytes(d)
+        results.append(EvalResult(str(path), str(base_path), src.name, ctx, n, metrics, stats))
+    return results
+
+
+def base_logits_source(base_path: str, base_dir: Path, src, ctx: int, windows: torch.Tensor, device: str,
+                       batch_size: int, progress: bool, use_cache: bool,
+                       cache_root: Path | None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """`f(start, ids)` -> the base's logits [b, ctx, V] for windows start..start+b: from the on-disk
+    cache of final hidden states (built first if absent), or, without the cache, from the base
+    model kept loaded."""
+    n = int(windows.shape[0])
     if use_cache:
         root = Path(cache_root) if cache_root is not None else cache_dir("eval")
         root.mkdir(parents=True, exist_ok=True)
@@ -68,24 +92,11 @@ def evaluate_many(model_paths: list[str], base_path: str, text: str = "moby-dick
         cache, hit = open_or_build(root, key, windows, base_model, batch_size, meta, bar, device)
         log.info("base hidden states %s %s (%.1f MiB)", "reused from" if hit else "written to", cache.dir,
                  cache.nbytes / 2**20)
-        base_logits = lambda start, ids: cache.logits_batch(range(start, start + ids.shape[0]), device)  # noqa: E731
-    else:  # no disk: the base stays loaded and runs again beside every candidate
-        base, _ = load_causal_lm(str(base_path), device)
-        head = BaseHead.of(base)
-        base_logits = lambda start, ids: head(final_hidden(base, ids, check=start == 0))  # noqa: E731
-
-    results = []
-    for path, d in zip(model_paths, cand_dirs):
-        stats = _score(path, base_logits, windows, device, batch_size, progress)
-        metrics = summarize(stats)
-        if n_bootstrap > 0:
-            ci = bootstrap_ci(window_sums(stats, [ctx - 1] * n), n_bootstrap, 0.95, seed)
-            metrics["ppl_increase_pct"] = 100.0 * (metrics["ppl"] / metrics["ppl_base"] - 1)
-            for k in CI_FIGURES:
-                metrics[f"{k}_ci_lo"], metrics[f"{k}_ci_hi"] = ci[k]
-        metrics["size_bytes"] = model_size_bytes(d)
-        results.append(EvalResult(str(path), str(base_path), src.name, ctx, n, metrics, stats))
-    return results
+        return lambda start, ids: cache.logits_batch(range(start, start + ids.shape[0]), device)
+    # no disk: the base stays loaded and runs again beside every candidate
+    base, _ = load_causal_lm(str(base_path), device)
+    head = BaseHead.of(base)
+    return lambda start, ids: head(final_hidden(base, ids, check=start == 0))
 
 
 def _hidden_size(model_dir: Path) -> int:
@@ -134,7 +145,7 @@ def result_json(r: EvalResult) -> dict:
     out = r.to_json()
     if r.stats is not None:
         out["kld_histogram"] = kld_histogram(r.stats.kld)
-        per = r.stats.kld.double().split(r.ctx - 1)
+        per = r.stats.kld.double().split(r.window_tokens or (r.ctx - 1))
         out["window_kld_mean"] = [float(p.mean()) for p in per]
     return out
 
@@ -149,7 +160,7 @@ def results_json(results: list[EvalResult]) -> dict:
     return {**(rows[0] if len(rows) == 1 else {}), **head, "results": rows}
 
 
-def format_many(results: list[EvalResult]) -> str:
+def format_many(results: list[EvalResult], title: str | None = None) -> str:
     """Plain-text table with 95% intervals where they were computed."""
     def ci(r, k, fmt):
         v = fmt.format(r.metrics[k])
@@ -167,8 +178,9 @@ def format_many(results: list[EvalResult]) -> str:
         return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
     head = line([k for k, _ in cols])
     r0 = results[0]
-    title = (f"base: {r0.base}  text: {r0.text}  ({r0.windows} windows × {r0.ctx - 1} scored tokens = "
-             f"{r0.metrics['tokens']}; [95% CI, windows resampled])")
+    if title is None:
+        title = (f"base: {r0.base}  text: {r0.text}  ({r0.windows} windows × {r0.ctx - 1} scored tokens = "
+                 f"{r0.metrics['tokens']}; [95% CI, windows resampled])")
     return "\n".join([title, head, "-" * len(head), *map(line, rows)])
 
 

@@ -7,12 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ..data import eval_windows, load_text
 from ..errors import LowbitError
 from ..model.source import resolve_model_dir
-from .metrics import TokenStats, summarize, token_stats
+from .metrics import TokenStats
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +24,7 @@ class EvalResult:
     windows: int
     metrics: dict[str, float]
     stats: TokenStats | None = field(default=None, repr=False)
+    window_tokens: list[int] | None = field(default=None, repr=False)  # scored tokens per window when they vary
 
     def to_json(self) -> dict:
         return {"model": self.model, "base": self.base, "text": self.text, "ctx": self.ctx,
@@ -54,27 +53,17 @@ def _refuse_calibration_overlap(model_dir: Path, text_sha: str, text_name: str) 
                               "evaluate on held-out text (e.g. --text moby-dick)")
 
 
-@torch.inference_mode()
 def evaluate(model_path: str, base_path: str, text: str = "moby-dick", ctx: int = 512,
              n_windows: int | None = None, device: str = "cpu", batch_size: int = 2,
-             progress: bool = True) -> EvalResult:
-    """KLD(base ‖ model), perplexity of both, top-1 agreement on non-overlapping windows of `text`."""
-    from transformers import AutoTokenizer
-    model, model_dir = load_causal_lm(model_path, device)
-    base, base_dir = load_causal_lm(base_path, device)
-    src = load_text(text, split="evaluation")
-    _refuse_calibration_overlap(model_dir, src.sha256, src.name)
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    windows = eval_windows(tok, src, ctx, n_windows)
-    parts = []
-    for batch in tqdm(windows.split(batch_size), desc="eval", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        lb = base(input_ids=batch).logits.float()
-        lc = model(input_ids=batch).logits.float()
-        for b in range(batch.shape[0]):
-            parts.append(token_stats(lb[b, :-1], lc[b, :-1], batch[b, 1:]))
-    stats = TokenStats.concat(parts)
-    return EvalResult(str(model_path), str(base_path), src.name, ctx, int(windows.shape[0]), summarize(stats), stats)
+             progress: bool = True, n_bootstrap: int = 1000) -> EvalResult:
+    """KLD(base ‖ model), perplexity of both, top-1 agreement on non-overlapping windows of `text`.
+
+    One candidate, nothing kept on disk: `compare.evaluate_many` with ``use_cache=False`` (the one
+    place metrics are computed).
+    """
+    from .compare import evaluate_many
+    return evaluate_many([model_path], base_path, text=text, ctx=ctx, n_windows=n_windows, device=device,
+                         batch_size=batch_size, progress=progress, use_cache=False, n_bootstrap=n_bootstrap)[0]
 
 
 def format_table(results: list[EvalResult]) -> str:

@@ -6,6 +6,11 @@ A result is one candidate's dict as `lowbit eval --json` writes it, optionally e
   "tasks":   {"gsm8k": {"base": 0.61, "score": 0.60}, ...}    or  {"gsm8k": 0.60} + "base_tasks": {...}
   "serving": {"tokens_per_s": 812, "p95_ms": 49, "memory_bytes": 4.4e9}   (or the same keys at top level;
              memory may also be given as "memory_gib")
+  "answers": {"kld_mean": ..., "top1": ...}   (KLD on the base's own answers; the drift gate judges
+             these when the result has no held-out-text figures at its top level)
+
+`lowbit eval --json` with --tasks / --serving / --answers writes exactly these shapes; its task
+rows also carry "drop_ci_hi", which `use_ci` judges instead of the point drop.
 
 A threshold that is set but whose figure was not measured fails: a gate cannot approve what it
 did not see. Task drops are in accuracy points (1% = 0.01 absolute); the perplexity increase is
@@ -28,8 +33,9 @@ class Thresholds:
     max_task_drop: float | None = None      # accuracy points as a fraction: 0.01 = 1 point, every task
     task_drops: tuple[tuple[str, float], ...] = ()  # per-task overrides of max_task_drop
     max_memory: int | None = None           # bytes
-    min_tokens_per_s: float | None = None
-    max_p95_ms: float | None = None
+    min_tokens_per_s: float | None = None       # decode tokens/s
+    min_prefill_tokens_per_s: float | None = None
+    max_p95_ms: float | None = None             # per-token decode latency, milliseconds
     use_ci: bool = False                    # judge the pessimistic end of the 95% interval when present
 
     def is_empty(self) -> bool:
@@ -86,7 +92,25 @@ def parse_percent(s: str | float, what: str) -> float:
 
 
 _KEYS = {"max_kld": float, "min_top1": float, "max_ppl_increase": "pct", "max_task_drop": "pct",
-         "max_memory": "bytes", "min_tokens_per_s": float, "max_p95_ms": float, "use_ci": bool, "tasks": "tasks"}
+         "max_memory": "bytes", "min_tokens_per_s": float, "min_prefill_tokens_per_s": float, "max_p95_ms": float,
+         "max_p95_latency": "ms", "use_ci": bool, "tasks": "tasks"}
+
+
+def parse_ms(s: str | float, what: str = "max_p95_latency") -> float:
+    """'50ms' -> 50, '0.05s' -> 50, '50' -> 50 (a bare number is milliseconds)."""
+    if isinstance(s, (int, float)):
+        return float(s)
+    t = str(s).strip().lower()
+    try:
+        if t.endswith("ms"):
+            return float(t[:-2])
+        if t.endswith("us") or t.endswith("µs"):
+            return float(t[:-2]) / 1000
+        if t.endswith("s"):
+            return float(t[:-1]) * 1000
+        return float(t)
+    except ValueError:
+        raise LowbitError(f"{what}: cannot read {s!r}; write e.g. 50ms or 0.05s") from None
 
 
 def thresholds_from_dict(d: dict) -> Thresholds:
@@ -106,6 +130,8 @@ def thresholds_from_dict(d: dict) -> Thresholds:
             kw[key] = parse_percent(value, key)
         elif kind == "bytes":
             kw[key] = parse_bytes(value)
+        elif kind == "ms":
+            kw["max_p95_ms"] = parse_ms(value, key)
         elif kind == "tasks":
             if not isinstance(value, dict):
                 raise LowbitError("tasks: give a mapping of task name to maximum drop, e.g. {gsm8k: 2%}")
@@ -191,25 +217,28 @@ def gate(result: dict, th: Thresholds) -> Verdict:
     v = Verdict(str(result.get("model", "?")))
     ci = th.use_ci
     g = lambda *k: _first(result, *k)  # noqa: E731
+    drift_src = result if _num(result.get("kld_mean")) is not None else (result.get("answers") or {})
+    d = lambda *k: _first({k2: v2 for k2, v2 in drift_src.items() if k2 != "serving"}, *k)  # noqa: E731
 
     def pick(ci_key: str, *keys: str) -> float | None:
-        bound = g(ci_key) if ci else None
-        return bound if bound is not None else g(*keys)
+        bound = d(ci_key) if ci else None
+        return bound if bound is not None else d(*keys)
 
     sfx = " (95% CI bound)" if ci else ""
+    on = "" if drift_src is result else " (answers)"
     if th.max_kld is not None:
         val = pick("kld_mean_ci_hi", "kld_mean")
-        v.checks.append(_check("drift", "kld_mean" + sfx, val, th.max_kld, "max", lambda x: f"{x:.5g}"))
+        v.checks.append(_check("drift", "kld_mean" + on + sfx, val, th.max_kld, "max", lambda x: f"{x:.5g}"))
     if th.min_top1 is not None:
         val = pick("top1_ci_lo", "top1", "same_top_p")
-        v.checks.append(_check("drift", "top1" + sfx, val, th.min_top1, "min", lambda x: f"{x:.4f}"))
+        v.checks.append(_check("drift", "top1" + on + sfx, val, th.min_top1, "min", lambda x: f"{x:.4f}"))
     if th.max_ppl_increase is not None:
         val = None
-        if ci and g("ppl_increase_pct_ci_hi") is not None:
-            val = g("ppl_increase_pct_ci_hi") / 100
-        elif g("ppl") is not None and g("ppl_base"):
-            val = g("ppl") / g("ppl_base") - 1
-        v.checks.append(_check("drift", "ppl_increase" + sfx, val, th.max_ppl_increase, "max",
+        if ci and d("ppl_increase_pct_ci_hi") is not None:
+            val = d("ppl_increase_pct_ci_hi") / 100
+        elif d("ppl") is not None and d("ppl_base"):
+            val = d("ppl") / d("ppl_base") - 1
+        v.checks.append(_check("drift", "ppl_increase" + on + sfx, val, th.max_ppl_increase, "max",
                                lambda x: f"{100 * x:.2f}%"))
     overrides = dict(th.task_drops)
     if th.max_task_drop is not None or overrides:
@@ -224,13 +253,19 @@ def gate(result: dict, th: Thresholds) -> Verdict:
                 continue
             base, cand = scores.get(name, (None, None))
             drop = None if base is None or cand is None else base - cand
-            v.checks.append(_check("tasks", f"task {name} drop", drop, limit, "max",
+            row = (result.get("tasks") or {}).get(name)
+            if ci and drop is not None and isinstance(row, dict) and _num(row.get("drop_ci_hi")) is not None:
+                drop = _num(row["drop_ci_hi"])
+            v.checks.append(_check("tasks", f"task {name} drop" + sfx, drop, limit, "max",
                                    lambda x: f"{100 * x:.2f} pts"))
     if th.max_memory is not None:
         v.checks.append(_check("serving", "memory", _memory_bytes(result), th.max_memory, "max", format_bytes))
     if th.min_tokens_per_s is not None:
         v.checks.append(_check("serving", "tokens_per_s", g("tokens_per_s", "tokens_per_second", "tps"),
                                th.min_tokens_per_s, "min", lambda x: f"{x:.1f}"))
+    if th.min_prefill_tokens_per_s is not None:
+        v.checks.append(_check("serving", "prefill_tokens_per_s", g("prefill_tokens_per_s"),
+                               th.min_prefill_tokens_per_s, "min", lambda x: f"{x:.1f}"))
     if th.max_p95_ms is not None:
         v.checks.append(_check("serving", "p95_ms", g("p95_ms", "p95_latency_ms"), th.max_p95_ms, "max",
                                lambda x: f"{x:.1f} ms"))

@@ -216,6 +216,20 @@ class CheckpointReader:
                                          shape, self.bits, t.get("weight_g_idx"))
         return decode_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], self.bits)
 
+    def codes(self, name: str) -> torch.Tensor | None:
+        """Integer codes [out, in] of a pack-quantized linear (signed, as stored), else None."""
+        parts = self._parts[name]
+        if self.kind != "pack-quantized" or "weight_packed" not in parts:
+            return None
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        shape = torch.Size(int(x) for x in self.store.get(parts["weight_shape"]).tolist())
+        return unpack_from_int32(self.store.get(parts["weight_packed"]), self.bits, shape)
+
+    def scale(self, name: str) -> torch.Tensor | None:
+        """Group scales [out, G] of a pack-quantized linear, else None."""
+        parts = self._parts[name]
+        return self.store.get(parts["weight_scale"]) if "weight_scale" in parts else None
+
 
 def recorded_source(model_dir: Path) -> str:
     """The source checkpoint a lowbit output records in lowbit.json."""

@@ -264,6 +264,52 @@ def timing_rows(cands: list[Candidate]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def answers_rows(cands: list[Candidate]) -> tuple[list[str], list[list[str]]]:
+    """KLD on the base's own answers (lowbit eval --answers), where measured."""
+    head = ["candidate", "answers", "tokens", "KLD mean [95% CI]", "KLD p99", "top-1 [95% CI]", "answer ppl +%"]
+    rows = []
+    for c in cands:
+        a = c.metrics.get("answers")
+        if not isinstance(a, dict):
+            continue
+        inc = _num(a.get("ppl_increase_pct"))
+        rows.append([c.name, str(a.get("answers", a.get("windows", "-"))), str(a.get("tokens", "-")),
+                     _ci(a, "kld_mean", "{:.5f}"), "-" if _num(a.get("kld_p99")) is None else f"{a['kld_p99']:.4f}",
+                     _ci(a, "top1", "{:.4f}"), "-" if inc is None else f"{inc:+.2f}%"])
+    return head, rows
+
+
+def task_rows(cands: list[Candidate]) -> tuple[list[str], list[list[str]]]:
+    """Per candidate and task: base score, score and drop with 95% intervals (lowbit eval --tasks)."""
+    head = ["candidate", "task", "n", "metric", "base", "score [95% CI]", "drop, pts [95% CI]"]
+    rows = []
+    pts = lambda x: "-" if _num(x) is None else f"{100 * x:+.1f}"  # noqa: E731
+    for c in cands:
+        for t, r in sorted((c.metrics.get("tasks") or {}).items()):
+            if not isinstance(r, dict):
+                continue
+            rows.append([c.name, t, str(r.get("n", "-")), str(r.get("metric", "-")),
+                         "-" if _num(r.get("base")) is None else f"{r['base']:.3f}", _ci(r, "score", "{:.3f}"),
+                         f"{pts(r.get('drop'))} [{pts(r.get('drop_ci_lo'))}, {pts(r.get('drop_ci_hi'))}]"])
+    return head, rows
+
+
+def serving_rows(cands: list[Candidate]) -> tuple[list[str], list[list[str]]]:
+    """Serving figures (lowbit eval --serving) of the base and every candidate."""
+    head = ["model", "runtime", "device", "prefill tok/s", "decode tok/s", "p95 ms/token", "peak memory"]
+    rows = []
+    base = next((c.metrics["base_serving"] for c in cands if isinstance(c.metrics.get("base_serving"), dict)), None)
+    entries = ([("base", base)] if base else []) + [(c.name, c.metrics.get("serving")) for c in cands]
+    f = lambda v, fmt: "-" if _num(v) is None else fmt.format(v)  # noqa: E731
+    for name, sv in entries:
+        if not isinstance(sv, dict):
+            continue
+        rows.append([name, str(sv.get("runtime", "-")), str(sv.get("device", "-")),
+                     f(sv.get("prefill_tokens_per_s"), "{:.1f}"), f(sv.get("decode_tokens_per_s"), "{:.1f}"),
+                     f(sv.get("p95_ms"), "{:.2f}"), _mib(_num(sv.get("memory_bytes")))])
+    return (head, rows) if any(r[0] != "base" for r in rows) else (head, [])
+
+
 def worst_tensor_rows(cands: list[Candidate], n: int = 5) -> tuple[list[str], list[list[str]]]:
     head = ["candidate", "tensor", "cos", "rel_rms", "max_abs", "outliers"]
     rows = []
@@ -305,6 +351,11 @@ def _sections(cands: list[Candidate]) -> list[tuple[str, tuple[list[str], list[l
     """(title, table, figure key) in page order."""
     secs = [("Summary", summary_rows(cands), None), ("KLD vs size", None, "pareto"),
             ("KLD histograms", None, "kld_hist"), ("Per-layer error", None, "layers")]
+    for title, fn in (("KLD on the base's own answers", answers_rows), ("Tasks", task_rows),
+                      ("Serving", serving_rows)):
+        table = fn(cands)
+        if table[1]:
+            secs.append((title, table, None))
     wt = worst_tensor_rows(cands)
     if wt[1]:
         secs.append(("Worst tensors", wt, None))

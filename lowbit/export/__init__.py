@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import LowbitError
-from . import autoawq, compressed_tensors, fake, gptq
+from . import autoawq, compressed_tensors, fake, gguf, gptq
 from .writer import ExportContext
 
 EXPORTERS: dict[str, Callable] = {
@@ -12,6 +12,7 @@ EXPORTERS: dict[str, Callable] = {
     "fake": fake.export,
     "gptq": gptq.export,
     "autoawq": autoawq.export,
+    "gguf": gguf.export,
 }
 
 

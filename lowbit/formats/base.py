@@ -57,6 +57,8 @@ class Format(ABC):
 
     name: str = ""
     group_size: int
+    # whether `encode`/`fit` weigh weights by an importance vector (GGUF's imatrix); others ignore it
+    uses_importance: bool = False
 
     def groups(self, in_features: int) -> int:
         """Number of groups along a row of `in_features`; refuses sizes that do not divide."""
@@ -107,9 +109,17 @@ class Format(ABC):
     def bits_per_weight(self, in_features: int) -> float:
         """Storage cost per weight, metadata (scales, zeros) included."""
 
-    def encode(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> QuantizedTensor:
+    def encode(self, W: torch.Tensor, clip: torch.Tensor | float | None = None,
+               importance: torch.Tensor | None = None) -> QuantizedTensor:
+        """Codes for W. `importance` [in] (E[x²] of W's input) is used by formats that set
+        `uses_importance` and ignored by the others."""
         qp = self.fit(W, clip)
         return QuantizedTensor(self.quantize(W, qp), qp, self)
+
+    def search_grid(self) -> "Format":
+        """A fast stand-in with this grid's shape (bits, group length, symmetry) for searches that
+        round a weight many times (AWQ's α and clipping); the format itself unless its encoder is slow."""
+        return self
 
     def fake_quantize(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> torch.Tensor:
         """W -> W_r: round-trip through the grid (what the deployed model will compute with)."""

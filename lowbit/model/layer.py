@@ -2,17 +2,43 @@
 
 This is the only bridge between modules and the pure solvers: it hands out tensors, and it
 runs the layer (or one block of it) when a solver needs outputs.
+
+Under torch.distributed each process holds a share of the calibration batches (`BatchSplit`);
+the methods below that say so return what a single process holding every batch would.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
 
+from ..distributed import Dist, all_sum, broadcast, map_keys
 from .arch import Family
 from .stream import Batch
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """Which calibration batches this process holds: `ids` (ascending) are the global indices of
+    its batches, `tokens` the token count of every global batch; `dist` is None for one process."""
+
+    ids: tuple[int, ...]
+    tokens: tuple[int, ...]
+    dist: Dist | None = None
+
+    @classmethod
+    def whole(cls, batches: Sequence[Batch]) -> "BatchSplit":
+        return cls(tuple(range(len(batches))), tuple(b.hidden.shape[:-1].numel() for b in batches))
+
+    def first(self, n: int) -> "BatchSplit":
+        """The global batches 0 .. n-1 only."""
+        return BatchSplit(tuple(j for j in self.ids if j < n), self.tokens[:n], self.dist)
 
 
 @contextlib.contextmanager
@@ -33,29 +59,60 @@ def _input_hooks(module: nn.Module, names: Iterable[str], sink: dict[str, list[t
 class LayerData:
     """One decoder layer (or lm_head) ready to be quantized.
 
-    weights: linear name (relative to the layer) -> W [out, in], float32 copies.
+    weights: linear name (relative to the layer) -> W [out, in], float32 and read-only: they share
+    storage with the module's weights when those are float32 already (a copy would double a layer's
+    footprint), so methods copy before changing them in place.
     """
 
     def __init__(self, index: int | str, module: nn.Module, family: Family, batches: Sequence[Batch],
-                 linear_names: Sequence[str], run: Callable[[Batch], object]):
+                 linear_names: Sequence[str], run: Callable[[Batch], object], split: BatchSplit | None = None):
         self.index = index
         self.family = family
         self.module = module
-        self.batches = batches
+        self.batches = batches  # this process's share (all of them in a single process)
+        self.split = split or BatchSplit.whole(batches)
+        assert len(self.split.ids) == len(batches), "one global index per local batch"
         self.run = run
         self.weights: dict[str, torch.Tensor] = {
-            n: module.get_submodule(n).weight.detach().float().clone() for n in linear_names
+            n: module.get_submodule(n).weight.detach().float() for n in linear_names
         }
         self._inputs: dict[str, torch.Tensor] = {}
         self._block_inputs: dict[str, list[tuple[tuple, dict]]] = {}
 
     @property
     def has_calibration(self) -> bool:
-        return len(self.batches) > 0
+        return self.n_batches > 0
+
+    @property
+    def n_batches(self) -> int:
+        """Calibration batches over all processes."""
+        return len(self.split.tokens)
+
+    @property
+    def batch_tokens(self) -> tuple[int, ...]:
+        """Tokens of every calibration batch, over all processes, in order."""
+        return self.split.tokens
+
+    @property
+    def dist(self) -> Dist | None:
+        return self.split.dist
+
+    def view(self, n_batches: int) -> "LayerData":
+        """The same live layer seen through only the first `n_batches` calibration batches (no weights)."""
+        split = self.split.first(n_batches)
+        return LayerData(self.index, self.module, self.family, self.batches[:len(split.ids)], (), self.run, split)
+
+    def sum_over_processes(self, x):
+        """A tensor or int summed over the processes that share the calibration batches (itself for one)."""
+        return all_sum(self.dist, x)
+
+    def map(self, keys: Sequence[K], fn: Callable[[K], V], cost: Callable[[K], float] = lambda k: 1.0) -> dict[K, V]:
+        """{k: fn(k)}: independent jobs (e.g. one per linear), each run by one process and shared with all."""
+        return map_keys(self.dist, keys, fn, cost)
 
     @torch.no_grad()
     def linear_inputs(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Calibration inputs of the named linears, X [n_tokens, in] (float32), cached."""
+        """Calibration inputs of the named linears, X [n_tokens, in] (float32), cached (this process's batches)."""
         missing = [n for n in names if n not in self._inputs]
         if missing:
             sink: dict[str, list[torch.Tensor]] = {}
@@ -72,7 +129,47 @@ class LayerData:
 
         Linears that share one input tensor (q, k, v) are reported once, under the first name.
         Returns name -> the name its input is reported under (itself for the first of a group).
+        Under torch.distributed `fn` sees this process's batches only; callers add up what it
+        gathered with `sum_over_processes` (or use `batch_sums`, which does so in batch order).
         """
+        shared = self._stream(names, lambda n, X, _j: fn(n, X), self.batches, self.split.ids)
+        return broadcast(self.dist, shared, 0) if self.dist is not None else shared
+
+    @torch.no_grad()
+    def batch_sums(self, names: Sequence[str], contrib: Callable[[str, torch.Tensor, int], dict[str, torch.Tensor]]
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+        """Σ_j contrib(name, X_j [tokens, in], j) -> {key: sum} for the named linears, over calibration batches j.
+
+        Each key's terms are added in batch order into zeros, whichever process ran batch j, so the sums
+        are bit for bit those of one process holding every batch. Linears sharing an input (q, k, v)
+        appear once, under the first name (see `accumulate`).
+        """
+        sums: dict[str, dict[str, torch.Tensor]] = {}
+
+        def add(found: dict[str, dict[str, torch.Tensor]]) -> None:
+            for n, c in found.items():
+                acc = sums.setdefault(n, {})  # a linear the batches reached, even with no terms
+                for k, v in c.items():
+                    if k not in acc:
+                        acc[k] = torch.zeros_like(v)
+                    acc[k] += v
+
+        dist = self.dist
+        if dist is None or dist.world == 1:
+            self._stream(names, lambda n, X, j: add({n: contrib(n, X, j)}), self.batches, self.split.ids)
+            return sums
+        local = dict(zip(self.split.ids, self.batches))
+        for start in range(0, self.n_batches, dist.world):  # a round: batch start + r runs on rank r
+            found: dict[str, dict[str, torch.Tensor]] = {}
+            j = start + dist.rank
+            if j in local:
+                self._stream(names, lambda n, X, j: found.__setitem__(n, contrib(n, X, j)), [local[j]], [j])
+            for src in range(min(dist.world, self.n_batches - start)):
+                add(broadcast(dist, found if src == dist.rank else None, src))
+        return sums
+
+    def _stream(self, names: Sequence[str], fn: Callable[[str, torch.Tensor, int], Any],
+                batches: Sequence[Batch], ids: Sequence[int]) -> dict[str, str]:
         shared: dict[str, str] = {}
 
         def make_hook(n):
@@ -83,12 +180,12 @@ class LayerData:
                     return
                 seen[id(x)] = (n, x)  # holding x keeps its id from being reused by a later tensor
                 shared.setdefault(n, n)
-                fn(n, x.reshape(-1, x.shape[-1]).float())
+                fn(n, x.reshape(-1, x.shape[-1]).float(), j)
             return hook
 
         handles = [self.module.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
         try:
-            for b in self.batches:
+            for j, b in zip(ids, batches):
                 seen: dict[int, tuple[str, torch.Tensor]] = {}
                 self.run(b)
                 seen = {}
@@ -117,6 +214,7 @@ class LayerData:
         """Outputs of module `block` on its calibration inputs, with some linears' weights replaced.
 
         `weights` maps linear names (relative to the layer) to W [out, in]; originals are restored.
+        Under torch.distributed each process runs its batches and all get every output, in batch order.
         """
         module = self.module.get_submodule(block)
         saved = {}
@@ -129,10 +227,13 @@ class LayerData:
             for args, kwargs in self.block_inputs(block):
                 y = module(*args, **kwargs)
                 outs.append((y[0] if isinstance(y, tuple) else y).float())
-            return outs
         finally:
             for n, W in saved.items():
                 self.module.get_submodule(n).weight.data = W
+        if self.dist is None:
+            return outs
+        mine = dict(zip(self.split.ids, outs))
+        return [broadcast(self.dist, mine.get(j), self.dist.owner(j)) for j in range(self.n_batches)]
 
     def param(self, name: str) -> torch.Tensor:
         """A non-linear parameter of the layer (e.g. a norm weight), float32 copy."""

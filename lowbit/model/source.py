@@ -128,6 +128,31 @@ class WeightStore:
         with safe_open(self._file(name), framework="pt") as h:
             return h.get_tensor(name)
 
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (sorted, unique) of a 2-D tensor, read from the file without mapping it, so
+        memory holds those rows only (an embedding's used tokens, not its whole vocabulary)."""
+        path = self._file(name)
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(header_len))[name]
+            dtype, (n_rows, n_cols) = _DTYPES[info["dtype"]], info["shape"]
+            row_bytes = n_cols * dtype.itemsize
+            base = 8 + header_len + info["data_offsets"][0]
+            out = bytearray(len(index) * row_bytes)
+            idx = index.tolist()
+            k = 0
+            while k < len(idx):  # one read per run of consecutive rows
+                end = k
+                while end + 1 < len(idx) and idx[end + 1] == idx[end] + 1:
+                    end += 1
+                if not 0 <= idx[k] <= idx[end] < n_rows:
+                    raise LowbitError(f"row {idx[end]} is outside {name} ({n_rows} rows)")
+                f.seek(base + idx[k] * row_bytes)
+                f.readinto(memoryview(out)[k * row_bytes:(end + 1) * row_bytes])
+                k = end + 1
+        return torch.frombuffer(out, dtype=dtype).reshape(len(idx), n_cols) if idx else \
+            torch.empty(0, n_cols, dtype=dtype)
+
     def shape(self, name: str) -> tuple[int, ...]:
         with safe_open(self._file(name), framework="pt") as h:
             return tuple(h.get_slice(name).get_shape())

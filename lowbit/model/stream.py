@@ -139,12 +139,21 @@ class StreamedModel:
         originals = list(self.layers)
         for i, layer in enumerate(originals):
             self.layers[i] = _Recorder(i, layer, sink, stop=(i == len(originals) - 1))
-        self.materialize(self.family.embed)
+        # Only the rows of the tokens used are read (a 128k-token fp32 embedding alone is 2 GiB); the
+        # embedding module runs on them, with ids renumbered, so family quirks (Gemma's scale) still apply.
+        table = self.skeleton.get_submodule(self.family.embed)
+        full, padding_idx = table.weight, getattr(table, "padding_idx", None)
+        used, local_ids = torch.unique(input_ids, return_inverse=True)
+        rows = self.store.rows(self.source_name(self.family.embed, "weight"), used)
+        _set_tensor(table, "weight", rows.to(self.device, self.dtype))
+        table.padding_idx = None  # only training treats it specially; it may lie outside the rows
         try:
-            self.base(input_ids=input_ids.to(self.device), use_cache=False)
+            self.base(input_ids=local_ids.to(self.device), use_cache=False)
         except _StopForward:
             pass
         finally:
+            table.padding_idx = padding_idx
+            _set_tensor(table, "weight", torch.empty(full.shape, dtype=full.dtype, device="meta"))
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
         return Batch(hidden=sink[0]["hidden"], layer_kwargs=[sink[i]["kwargs"] for i in range(len(originals))])

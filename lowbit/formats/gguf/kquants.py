@@ -117,6 +117,12 @@ def _superblock_x2(G: torch.Tensor) -> torch.Tensor:
 class _KQuant(GGUFFormat):
     """Shared reshaping: whole rows -> super-blocks [NB, 256] -> sub-blocks [NB·n_sub, sub]."""
 
+    def search_grid(self):
+        """The min-max integer grid of one sub-block (same bits, group length and symmetry): the
+        K-quant searches cost about 20 encodes each, too slow to run inside AWQ's searches."""
+        from ..int import IntFormat
+        return IntFormat(bits=self.bits, group_size=self.group_size, sym=self.sym)
+
     def _split(self, W, qw):
         sub = self.group_size
         G = W.reshape(-1, QK_K)

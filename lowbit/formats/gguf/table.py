@@ -35,17 +35,18 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("q6_k", 14, QK_K, 210, 16),
 )}
 
-# llama-quantize's per-tensor fallback when a row is not a multiple of 256 (llama_tensor_get_type).
-_K_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-_BLOCK_OF_FALLBACK = {"iq4_nl": 32}
+# llama-quantize's per-tensor fallback when a row is not a multiple of 256 (tensor_type_fallback in
+# src/llama-quant.cpp of the llama.cpp vendored by llama-cpp-python 0.3.36; older releases sent
+# Q2_K/Q3_K to IQ4_NL).
+_K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def fallback_type(type_name: str, row_len: int) -> str:
     """The block type llama-quantize writes for a tensor whose rows have `row_len` weights.
 
     `type_name` itself when it fits; for K-quants on rows that are not a multiple of 256 the
-    documented fallback (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, Q2_K/Q3_K→IQ4_NL, which lowbit does not
-    encode); "f16" when even that block does not divide the row.
+    documented fallback (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, Q2_K/Q3_K→Q4_0); "f16" when even that
+    block does not divide the row.
     """
     t = type_name.lower()
     if t not in BLOCK_TYPES:
@@ -55,5 +56,4 @@ def fallback_type(type_name: str, row_len: int) -> str:
     fb = _K_FALLBACK.get(t)
     if fb is None:
         return "f16"
-    bs = BLOCK_TYPES[fb].block_size if fb in BLOCK_TYPES else _BLOCK_OF_FALLBACK[fb]
-    return fb if row_len % bs == 0 else "f16"
+    return fb if row_len % BLOCK_TYPES[fb].block_size == 0 else "f16"

@@ -1,0 +1,65 @@
+"""GPTQModel's GPTQ W{bits} g{group} on lowbit's calibration ids (its defaults otherwise).
+
+    PEER_PYTHON bench/peers/gptqmodel_run.py --model M --calib ids.pt --out O [--desc-act 0|1]
+
+The saved GPTQ checkpoint is decoded from its documented layout (qweight int32 [in/8, out] with
+input-dim nibbles low bits first, qzeros int32 [groups, out/8], fp16 scales [groups, out], g_idx
+[in]; v1 stores zero − 1) into W_r [out, in].
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _peer import Timer, calibration_ids, package_version, parse_args, save_dequantized
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [r, c] with 32/bits values per word along dim 0 -> [r·32/bits, c]."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    vals = (packed.unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)
+    return vals.reshape(-1, packed.shape[1])
+
+
+def dequantize_gptq(t: dict[str, torch.Tensor], prefix: str, bits: int, v1: bool) -> torch.Tensor:
+    q = unpack_rows(t[prefix + "qweight"], bits)                       # [in, out]
+    z = unpack_rows(t[prefix + "qzeros"].T.contiguous(), bits).T       # [groups, out]
+    z = z + 1 if v1 else z
+    s = t[prefix + "scales"].float()                                   # [groups, out]
+    g = t[prefix + "g_idx"].long()                                     # [in]
+    return ((q - z[g]).float() * s[g]).T.contiguous()                  # [out, in]
+
+
+def main() -> None:
+    args = parse_args(**{"--desc-act": 0, "--batch-size": 8})
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from safetensors.torch import load_file
+
+    ids = calibration_ids(args.calib)
+    data = [{"input_ids": r.tolist(), "attention_mask": [1] * ids.shape[1]} for r in ids]
+    qc = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=bool(args.desc_act))
+    model = GPTQModel.load(str(args.model), qc)
+    with Timer() as t:
+        model.quantize(data, batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(tmp)
+        cfg_file = next(p for p in (Path(tmp) / "quantize_config.json", Path(tmp) / "config.json") if p.is_file())
+        cfg = json.loads(cfg_file.read_text())
+        cfg = cfg.get("quantization_config", cfg)
+        v1 = cfg.get("checkpoint_format", "gptq") == "gptq"
+        tensors: dict[str, torch.Tensor] = {}
+        for f in Path(tmp).glob("*.safetensors"):
+            tensors.update(load_file(f))
+    W_r = {p[:-len("qweight")] + "weight": dequantize_gptq(tensors, p[:-len("qweight")], args.bits, v1)
+           for p in tensors if p.endswith(".qweight")}
+    save_dequantized(args.model, args.out, W_r,
+                     {"peer": "GPTQModel", "version": package_version("gptqmodel"), "quantize_config": cfg,
+                      "quantize_s": t.s, "n_quantized": len(W_r)})
+
+
+if __name__ == "__main__":
+    main()
