@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def child_env() -> dict[str, str]:
-    """This environment without bench/ on PYTHONPATH: bench scripts (bench/gguf.py) must not shadow
+    """This environment without bench/ on PYTHONPATH: bench scripts (once bench/gguf.py) must never shadow
     packages of the same name in the processes they start."""
     here = Path(__file__).resolve().parent
     env = dict(os.environ)

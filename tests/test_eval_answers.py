@@ -19,6 +19,13 @@ TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{%
 GEN = A.GenerationConfig(max_new_tokens=10)
 
 
+@pytest.fixture(autouse=True)
+def _own_eval_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: base hidden states and answers cached by other tests (same tiny
+    base, text and windows) must not change what this one loads, nor this one theirs."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "lowbit-cache"))
+
+
 @pytest.fixture(scope="module")
 def chat_base(tiny_models, tmp_path_factory):
     """The tiny llama with a chat template, and an RTN int4 candidate of it."""

@@ -17,6 +17,13 @@ QUICK = dict(bits=4, group_size=32, n_calib=4, seq_len=32, progress=False)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def _own_eval_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: base hidden states and answers cached by other tests (same tiny
+    base, text and windows) must not change what this one loads, nor this one theirs."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "lowbit-cache"))
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_models, tmp_path_factory):
     src = tiny_models["llama"]

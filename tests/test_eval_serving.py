@@ -14,6 +14,13 @@ from lowbit.eval.gate import gate, parse_ms, thresholds_from_dict
 CFG = S.ServingConfig(prompt_tokens=16, new_tokens=6, repeats=2)
 
 
+@pytest.fixture(autouse=True)
+def _own_eval_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: base hidden states and answers cached by other tests (same tiny
+    base, text and windows) must not change what this one loads, nor this one theirs."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "lowbit-cache"))
+
+
 @pytest.fixture(scope="module")
 def packed(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")

@@ -15,10 +15,18 @@ from lowbit.eval.suite import suite_json
 from lowbit.eval.tasks import TaskReport
 
 
+@pytest.fixture(autouse=True)
+def _own_eval_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: base hidden states and answers cached by other tests (same tiny
+    base, text and windows) must not change what this one loads, nor this one theirs."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "lowbit-cache"))
+
+
 def test_legacy_evaluate_is_evaluate_many_without_disk(tiny_llama, monkeypatch):
     src = str(tiny_llama)
     cand = lowbit.quantize(src, Path(os.environ["LOWBIT_CACHE"]).parent / "legacy-rtn", bits=4, group_size=32,
                            n_calib=4, seq_len=32, progress=False)
+    assert not (Path(os.environ["LOWBIT_CACHE"]) / "eval").exists()
     calls = []
     real = compare.evaluate_many
     monkeypatch.setattr(compare, "evaluate_many", lambda *a, **k: (calls.append(k), real(*a, **k))[1])

@@ -14,6 +14,13 @@ from lowbit.eval import tasks as T
 from lowbit.eval.evaluate import load_causal_lm
 
 
+@pytest.fixture(autouse=True)
+def _own_eval_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: base hidden states and answers cached by other tests (same tiny
+    base, text and windows) must not change what this one loads, nor this one theirs."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "lowbit-cache"))
+
+
 def test_demo_tasks_ship_with_the_package():
     items = T.load_tasks("demo")
     by = {}
