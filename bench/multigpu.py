@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from common import table
+from common import child_env, table
 from memory import CACHE, TOKENIZER, build_checkpoint, llama_config
 
 SMALL = dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2,
@@ -63,7 +63,8 @@ def ensure_tokenizer() -> Path:
 
 
 def run(nproc: int, model: Path, out: Path, device: str, args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     if device == "cpu":
         env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -149,6 +150,7 @@ def main() -> None:
                 if row["loss"] is not None:
                     row["loss_vs_1"] = row["loss"] / ref[1]["loss"] - 1
             rows.append(row)
+            print("row:", json.dumps(row), flush=True)
     what = (f"{'small' if args.small else 'Llama-3-8B-shaped'} random bf16 model, {cfg.num_hidden_layers} layers, "
             f"hidden {cfg.hidden_size}, {args.n_calib}x{args.seq_len} calibration tokens")
     device = (torch.cuda.get_device_name(0) + f" x{torch.cuda.device_count()}") if args.device == "cuda" \

@@ -1,5 +1,5 @@
-"""torchrun with 2 gloo processes on CPU gives the single-process output: bit for bit for RTN and
-AWQ, GPTQ within float reduction-order noise (its Hessians are all-reduced sums).
+"""torchrun with 2 gloo processes on CPU gives the single-process output: bit for bit for RTN,
+AWQ and AWQ-joint, GPTQ within float reduction-order noise (its Hessians are all-reduced sums).
 
 One torchrun launch (tests/_dist_worker.py) quantizes with every method; the references run here
 on one thread, as torchrun's workers do (OMP_NUM_THREADS=1): a CPU matmul's rounding may depend
@@ -26,6 +26,7 @@ CALIB = dict(n_calib=10, calib_batch_size=2, seq_len=64, group_size=32)
 RUNS = {
     "rtn": dict(method="rtn", **CALIB),
     "awq": dict(method="awq", search_tokens=256, **CALIB),
+    "awq-joint": dict(method="awq-joint", **CALIB),  # candidates (α, clip) split over processes
     "gptq": dict(method="gptq", export_format="fake", **CALIB),  # dequantized: codes and grids in one number
 }
 # GPTQ: per tensor, the share of weights that moved by more than 1e-3 of the tensor's largest (a code
@@ -75,7 +76,7 @@ def runs(tmp_path_factory, tiny_tokenizer_dir, calib_text) -> tuple[Path, Path, 
     return model, root / "two", root / "one", calib_text
 
 
-@pytest.mark.parametrize("name", ["rtn", "awq"])
+@pytest.mark.parametrize("name", ["rtn", "awq", "awq-joint"])
 def test_two_processes_bitwise(name, runs):
     model, two, one, calib = runs
     _one_thread(model, one / name, calib, **RUNS[name])

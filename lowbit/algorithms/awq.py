@@ -254,6 +254,22 @@ def search_view(layer: LayerData, n_batches: int) -> LayerData:
     return layer.view(n_batches)
 
 
+def candidate_view(layer: LayerData, n_batches: int) -> LayerData:
+    """The first `n_batches` batches for judging candidates (α's) on the block objective. Under
+    torch.distributed every process gets them all and judges its share of the candidates
+    (`layer.map`): the block runs then repeat no work and exchange no outputs."""
+    return layer.gathered(n_batches) if layer.dist is not None else search_view(layer, n_batches)
+
+
+def first_best(losses: list[float]) -> int:
+    """Index of the smallest finite loss, the earliest of equals; -1 when none is finite."""
+    best = -1
+    for i, loss in enumerate(losses):
+        if loss < float("inf") and (best < 0 or loss < losses[best]):
+            best = i
+    return best
+
+
 # -- folding -------------------------------------------------------------------------------------
 @dataclass
 class ScaledLayer:
@@ -458,7 +474,7 @@ class AWQ(Method):
         reps = list(dict.fromkeys(keys.values()))
         stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
         stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b)
-        view = search_view(layer, batches_for(layer, self.options["search_tokens"]))
+        view = candidate_view(layer, batches_for(layer, self.options["search_tokens"]))
         plan = LayerPlan(ScaledLayer.of(layer), stats, keys, {})
         for group in layer.family.balance:
             why = unfoldable(layer, plan.state, group)
@@ -484,20 +500,24 @@ class AWQ(Method):
                                        [grids[n] for n in group.linears])
         loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]].H,
                                   layer.weights)
-        best = (float("inf"), 0.0, torch.ones_like(x))  # no finite loss at all: leave the group unscaled
-        losses = []
-        for i in range(self.options["n_grid"]):
-            alpha = i / self.options["n_grid"]
-            s = awq_scales(x, alpha, w_mean)
+
+        def loss_at(i: int) -> float:
+            s = awq_scales(x, i / self.options["n_grid"], w_mean)
             Xs = X.scaled(s)
             W_r = {}
             for n in group.linears:
                 W_s = plan.state.weights[n] * s
                 W_r[n] = self.round(W_s, grids[n].encode(W_s), Xs, n).dequantize() / s
-            losses.append(loss_of(W_r))
-            if losses[-1] < best[0]:
-                best = (losses[-1], alpha, s)
-        return best[2], {"alpha": best[1], "loss": best[0], "loss_alpha0": losses[0]}
+            return loss_of(W_r)
+
+        # α's are independent: under torch.distributed each process judges a share on all search tokens
+        found = layer.map(range(self.options["n_grid"]), loss_at)
+        losses = [found[i] for i in range(self.options["n_grid"])]
+        i = first_best(losses)
+        if i < 0:  # no finite loss at all: leave the group unscaled
+            return torch.ones_like(x), {"alpha": 0.0, "loss": float("inf"), "loss_alpha0": losses[0]}
+        alpha = i / self.options["n_grid"]
+        return awq_scales(x, alpha, w_mean), {"alpha": alpha, "loss": losses[i], "loss_alpha0": losses[0]}
 
     def encode(self, layer: LayerData, plan: LayerPlan, fmt: Formats) -> tuple[dict[str, QuantizedTensor], dict]:
         """Clip search (skipping q/k) and rounding for every linear, on the folded weights."""

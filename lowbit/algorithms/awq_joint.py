@@ -121,7 +121,8 @@ class AWQJoint(AWQ):
             stats["flipped_pct"] = 100 * flipped / W.numel()
         return QuantizedTensor(W_q, qt.qparams, qt.format)
 
-    def screen(self, plan: LayerPlan, group: BalanceGroup, fmt: Formats) -> list[tuple[float, float, torch.Tensor]]:
+    def screen(self, layer: LayerData, plan: LayerPlan, group: BalanceGroup,
+               fmt: Formats) -> list[tuple[float, float, torch.Tensor]]:
         """Every α with its clipping ranges searched: (summed group errors, α, s), best first.
 
         Rows add up independently in the error, so a fixed strided sample of `screen_rows` rows per
@@ -137,16 +138,20 @@ class AWQJoint(AWQ):
                                        [grids[n] for n in group.linears])
         ratios = clip_ratios(self.options["clip_grid"], self.options["max_shrink"])
         sample = {n: _strided_rows(plan.state.weights[n], self.options["screen_rows"]) for n in group.linears}
-        found = []
-        for i in range(self.options["n_grid"]):
-            alpha = i / self.options["n_grid"]
-            s = awq_scales(x, alpha, w_mean)
+
+        def error_at(i: int) -> float:
+            s = awq_scales(x, i / self.options["n_grid"], w_mean)
             H = X.H / (s[:, None] * s[None, :])
             err = 0.0
             for n in group.linears:
                 use = ratios if self.options["clip"] and clippable(n) else [1.0]
                 err += float(clip_search(sample[n] * s, H, grids[n], use)[1].sum())
-            found.append((err, alpha, s))
+            return err
+
+        # α's are independent: under torch.distributed each process screens a share
+        errors = layer.map(range(self.options["n_grid"]), error_at)
+        found = [(errors[i], i / self.options["n_grid"], awq_scales(x, i / self.options["n_grid"], w_mean))
+                 for i in range(self.options["n_grid"])]
         return sorted(found, key=lambda f: f[0])
 
     def search(self, layer: LayerData, view: LayerData, plan: LayerPlan, group: BalanceGroup,
@@ -157,14 +162,22 @@ class AWQJoint(AWQ):
         X = plan.inputs(group.linears[0])
         loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]].H,
                                   layer.weights)
-        rtn = {n: fmts[n].encode(plan.state.weights[n], importance=self.importance(X, fmts[n]))
-               for n in group.linears}
-        tried = [(loss_of({n: qt.dequantize() for n, qt in rtn.items()}), -1.0, torch.ones_like(X.mean), rtn)]
         with one_cpu_thread(X.mean.device):
-            screened = self.screen(plan, group, fmt)[: self.options["top_k"]]
-        for _, alpha, s in screened:
-            qts = self.fit_codes({n: plan.state.weights[n] * s for n in group.linears}, X.scaled(s), fmt)
-            tried.append((loss_of({n: qt.dequantize() / s for n, qt in qts.items()}), alpha, s, qts))
+            screened = self.screen(layer, plan, group, fmt)[: self.options["top_k"]]
+        candidates = [(-1.0, torch.ones_like(X.mean)), *((alpha, s) for _, alpha, s in screened)]
+
+        def judge(c: int) -> tuple[float, dict[str, QuantizedTensor]]:
+            alpha, s = candidates[c]
+            if alpha < 0:  # plain RTN
+                qts = {n: fmts[n].encode(plan.state.weights[n], importance=self.importance(X, fmts[n]))
+                       for n in group.linears}
+            else:
+                qts = self.fit_codes({n: plan.state.weights[n] * s for n in group.linears}, X.scaled(s), fmt)
+            return loss_of({n: qt.dequantize() / s for n, qt in qts.items()}), qts
+
+        # candidates are independent: under torch.distributed each process fits and judges a share
+        judged = layer.map(range(len(candidates)), judge)
+        tried = [(judged[c][0], *candidates[c], judged[c][1]) for c in range(len(candidates))]
         loss, alpha, s, qts = min(tried, key=lambda t: t[0])
         for n, qt in qts.items():  # valid while no later fold rescales the rows of n
             plan.chosen[n] = (qt, plan.state.row[n].clone())

@@ -102,6 +102,17 @@ class LayerData:
         split = self.split.first(n_batches)
         return LayerData(self.index, self.module, self.family, self.batches[:len(split.ids)], (), self.run, split)
 
+    def gathered(self, n_batches: int) -> "LayerData":
+        """The first `n_batches` calibration batches, every one held by this process (copied from the
+        process that holds it): a one-process view, so work on it gives bit for bit one process's result.
+        Meant for searches that split their candidates, not their tokens, over processes (`map`)."""
+        split = self.split.first(n_batches)
+        if self.dist is None:
+            return self.view(n_batches)
+        mine = dict(zip(self.split.ids, self.batches))
+        batches = [broadcast(self.dist, mine.get(j), self.dist.owner(j)) for j in range(len(split.tokens))]
+        return LayerData(self.index, self.module, self.family, batches, (), self.run, BatchSplit.whole(batches))
+
     def sum_over_processes(self, x):
         """A tensor or int summed over the processes that share the calibration batches (itself for one)."""
         return all_sum(self.dist, x)
