@@ -353,13 +353,42 @@ def test_cli_flags_reach_the_method(tiny_llama, tmp_path):
                                   "true_act_order": False, "observer": "mse", "importance": True}
 
 
+def test_true_sequential_changes_only_downstream_inputs(tiny_llama, tmp_path, calib):
+    """q,k,v read the layer input either way (same H, same codes); o, gate, up and down get H from a
+    forward pass through the quantized linears before them, so their codes move."""
+    from safetensors.torch import load_file
+    seq, flat = (load_file(lowbit.quantize(tiny_llama, tmp_path / n, method="gptq", group_size=32,
+                                           true_sequential=ts, export_format="fake", **calib) / "model.safetensors")
+                 for n, ts in (("seq", True), ("flat", False)))
+    layer0 = "model.layers.0."
+    for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert torch.equal(seq[layer0 + n + ".weight"], flat[layer0 + n + ".weight"]), n
+    for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert not torch.equal(seq[layer0 + n + ".weight"], flat[layer0 + n + ".weight"]), n
+
+
+def test_input_sets_follow_the_layer(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.algorithms.gptq import input_sets
+    from lowbit.model.arch import family_for
+    from lowbit.model.layer import LayerData
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    layer = model.model.layers[0]
+    names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    data = LayerData(0, layer, family_for(model.config), [], names, lambda b: None)
+    assert input_sets(data) == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
 # -- awq+gptq ------------------------------------------------------------------------------------
 def test_awq_gptq_without_scales_is_gptq(tiny_llama, tmp_path, calib):
     """n_grid=1 searches only α = 0, i.e. s = 1: nothing is folded and GPTQ sees the same problem."""
     from safetensors.torch import load_file
     a = lowbit.quantize(tiny_llama, tmp_path / "a", method="awq+gptq", n_grid=1, group_size=32,
                         export_format="fake", **calib)
-    b = lowbit.quantize(tiny_llama, tmp_path / "b", method="gptq", group_size=32, export_format="fake", **calib)
+    b = lowbit.quantize(tiny_llama, tmp_path / "b", method="gptq", group_size=32, true_sequential=False,
+                        export_format="fake", **calib)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:  # the two Hessians are summed in different orders: allow rare rounding-tie flips
@@ -404,3 +433,29 @@ def test_awq_gptq_loss_is_the_live_output_error(family, tiny_models):
         dY = (layer.weights[n] - W_live) @ X[n].T / state.row[n][:, None]
         direct = dY.pow(2).sum().item() / X[n].shape[0]
         assert result.stats["loss"][n] == pytest.approx(direct, rel=2e-3), n
+
+
+@pytest.mark.parametrize("fmt", [IntFormat(bits=4, group_size=32, sym=False), FORMATS["nvfp4"](group_size=16)])
+def test_row_slices_solve_like_the_whole(fmt):
+    """solve_layer(parts=3) (how processes share one input's solve) stacks the same codes back;
+    a format with per-tensor parameters (NVFP4's global scale) is never cut."""
+    from lowbit.algorithms.gptq import solve_layer
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    H = 2 * X.T @ X / X.shape[0]
+    weights = {"q": torch.randn(40, 64, generator=g), "k": torch.randn(16, 64, generator=g)}
+    jobs = []
+
+    def spy(keys, fn, cost):
+        jobs.extend(keys)
+        return {k: fn(k) for k in keys}
+
+    whole = solve_layer(weights, {"q": H}, {"q": "q", "k": "q"}, fmt)
+    cut = solve_layer(weights, {"q": H}, {"q": "q", "k": "q"}, fmt, spy, parts=3)
+    assert len(jobs) == (1 if fmt.name == "nvfp4" else 3)
+    for n in weights:
+        a, b = whole.quantized[n], cut.quantized[n]
+        assert a.W_q.shape == b.W_q.shape and a.qparams.scale.shape == b.qparams.scale.shape
+        assert (a.W_q != b.W_q).float().mean() < 0.01, n  # float order may flip a rare tie
+        assert cut.stats["loss"][n] == pytest.approx(whole.stats["loss"][n], rel=1e-3)
+        assert cut.stats["rtn_loss"][n] == pytest.approx(whole.stats["rtn_loss"][n], rel=1e-5)

@@ -35,7 +35,8 @@ import torch
 from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from ..formats.map import Formats, per_linear
-from .awq import AWQ
+from ..model.layer import replaced_weights
+from .awq import AWQ, input_keys
 from .base import LayerResult, Method
 
 log = logging.getLogger(__name__)
@@ -382,14 +383,17 @@ def _each(keys: list[str], fn: Callable, cost: Callable) -> dict:
 
 
 def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],
-                fmt: Formats, map_inputs: Callable = _each, **options: Any) -> LayerResult:
+                fmt: Formats, map_inputs: Callable = _each, parts: int = 1, **options: Any) -> LayerResult:
     """GPTQ every linear in `weights` with the H of its input; one inverse per distinct input and format
     (linears of a GGUF preset that share an input may sit on different grids, each solved on its own).
 
     `shared` maps a linear to the key of its H in `hessians` (collect_hessians' second result).
     A linear that no calibration token reached falls back to RTN, with a warning.
     `map_inputs(keys, solve, cost) -> {key: solve(key)}` runs the solves (LayerData.map shares them
-    out over processes under torch.distributed).
+    out over processes under torch.distributed). `parts` > 1 cuts every solve into that many row
+    slices (rows are independent given H; each slice repeats the inverse), so that processes share
+    the work even when one input dominates a layer, or when true-sequential solves one input at a time.
+    Formats with per-tensor parameters (fitted on the whole weight) are never cut.
     """
     fmts = per_linear(fmt, weights)
     quantized: dict[str, QuantizedTensor] = {}
@@ -403,17 +407,31 @@ def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tens
             quantized[n] = fmts[n].encode(weights[n])
             stats.setdefault("rtn_fallback", []).append(n)
 
-    def solve(key: tuple[str, str]) -> tuple[list[GPTQResult], list[float]]:
-        names, H = by_input[key], hessians[key[0]]
+    def cuts(key: tuple[str, str]) -> int:
+        names = by_input[key]
+        whole = all(fmts[n].for_tensor(weights[n]) is fmts[n] for n in names)
+        return max(1, min(parts, min(weights[n].shape[0] for n in names))) if whole else 1
+
+    def rows(n: str, part: int, of: int) -> slice:
+        out = weights[n].shape[0]
+        return slice(out * part // of, out * (part + 1) // of)
+
+    def solve(job: tuple[tuple[str, str], int]) -> tuple[list[GPTQResult], list[float]]:
+        key, part = job
+        names, H, of = by_input[key], hessians[key[0]], cuts(key)
+        Ws = [weights[n][rows(n, part, of)] for n in names]
         f = fmts[names[0]]
-        return (gptq_quantize_shared([weights[n] for n in names], H, f, **options),
-                [reconstruction_loss(weights[n], f.fake_quantize(weights[n]), H) for n in names])
+        return (gptq_quantize_shared(Ws, H, f, **options),
+                [reconstruction_loss(W, f.fake_quantize(W), H) for W in Ws])
 
-    def cost(key: tuple[str, str]) -> float:  # the column loop's updates plus the inverse
+    def cost(job: tuple[tuple[str, str], int]) -> float:  # the column loop's updates plus the inverse
+        key, _ = job
         n_in = hessians[key[0]].shape[0]
-        return sum(weights[n].shape[0] for n in by_input[key]) * n_in**2 + n_in**3
+        return sum(weights[n].shape[0] for n in by_input[key]) * n_in**2 / cuts(key) + n_in**3
 
-    solved = map_inputs(list(by_input), solve, cost)
+    jobs = [(key, part) for key in by_input for part in range(cuts(key))]
+    done = map_inputs(jobs, solve, cost)
+    solved = {key: _join_rows([done[(key, part)] for part in range(cuts(key))]) for key in by_input}
     for key, names in by_input.items():
         results, rtn_losses = solved[key]
         for n, r, rtn_loss in zip(names, results, rtn_losses):
@@ -423,6 +441,21 @@ def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tens
             if r.damp != options.get("damp", 0.01):
                 stats.setdefault("damp", {})[n] = r.damp
     return LayerResult({n: quantized[n] for n in weights}, stats=stats)
+
+
+def _join_rows(pieces: list[tuple[list[GPTQResult], list[float]]]) -> tuple[list[GPTQResult], list[float]]:
+    """Row slices of the same linears' solves, stacked back (losses add up over rows)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    results = []
+    for per_part in zip(*(r for r, _ in pieces)):
+        first = per_part[0].quantized
+        qt = QuantizedTensor(torch.cat([p.quantized.W_q for p in per_part]),
+                             QParams(torch.cat([p.quantized.qparams.scale for p in per_part]),
+                                     torch.cat([p.quantized.qparams.zero for p in per_part])),
+                             first.format, first.g_idx)
+        results.append(GPTQResult(qt, sum(p.loss for p in per_part), max(p.damp for p in per_part)))
+    return results, [sum(x) for x in zip(*(l for _, l in pieces))]
 
 
 class GPTQ(Method):
@@ -435,6 +468,7 @@ class GPTQ(Method):
         "true_act_order": False,
         "observer": "minmax",
         "importance": True,
+        "true_sequential": True,
     }
 
     def __init__(self, **options: Any):
@@ -455,8 +489,39 @@ class GPTQ(Method):
                 "observer": o["observer"], "importance": bool(o["importance"])}
 
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
-        hessians, shared = collect_hessians(layer, list(layer.weights))
-        return solve_layer(layer.weights, hessians, shared, fmt, layer.map, **self.solver_options())
+        if not self.options["true_sequential"]:
+            hessians, shared = collect_hessians(layer, list(layer.weights))
+            return solve_layer(layer.weights, hessians, shared, fmt, layer.map, **self.solver_options())
+        return self.quantize_sequentially(layer, fmt)
+
+    def quantize_sequentially(self, layer, fmt: Formats) -> LayerResult:
+        """Linears that share an input, one set after another in the layer's order (q,k,v; o; gate,up;
+        down): each set's H comes from a forward pass in which the sets before it already compute with
+        their quantized weights, so each solve also absorbs the error of the ones upstream."""
+        done: dict[str, torch.Tensor] = {}  # linear -> dequantized weights, while the layer is solved
+        quantized: dict[str, QuantizedTensor] = {}
+        stats: dict[str, Any] = {}
+        for names in input_sets(layer):
+            with replaced_weights(layer.module, done):
+                hessians, shared = collect_hessians(layer, names)
+            result = solve_layer({n: layer.weights[n] for n in names}, hessians, shared, fmt, layer.map,
+                                 **self.solver_options())
+            for n, qt in result.quantized.items():
+                quantized[n] = qt
+                done[n] = qt.dequantize()
+            for k, v in result.stats.items():  # per-linear entries: dicts by name, lists of names
+                stats[k] = {**stats.get(k, {}), **v} if isinstance(v, dict) else [*stats.get(k, []), *v]
+        return LayerResult({n: quantized[n] for n in layer.weights}, stats=stats)
+
+
+def input_sets(layer) -> list[list[str]]:
+    """The layer's linears (in module order) grouped by the input they read: a balance group's linears
+    (q,k,v after the input norm; gate,up after the post-attention norm) share one, others stand alone."""
+    keys = input_keys(layer)
+    sets: dict[str, list[str]] = {}
+    for n in layer.weights:
+        sets.setdefault(keys[n], []).append(n)
+    return list(sets.values())
 
 
 # -- awq+gptq --------------------------------------------------------------------------------------
@@ -469,6 +534,8 @@ class _AWQScales(AWQ):
 
 # AWQ's options minus its clipping search: under GPTQ the observer chooses every group's range.
 _AWQ_OPTIONS = {k: v for k, v in AWQ.defaults.items() if k not in ("clip", "clip_grid", "max_shrink")}
+# GPTQ's minus true-sequential Hessians: awq+gptq solves with H of the folded float layer (AWQ's stats)
+_GPTQ_OPTIONS = {k: v for k, v in GPTQ.defaults.items() if k != "true_sequential"}
 
 
 class AWQGPTQ(Method):
@@ -479,12 +546,12 @@ class AWQGPTQ(Method):
     """
 
     name = "awq+gptq"
-    defaults = {**_AWQ_OPTIONS, **GPTQ.defaults}
+    defaults = {**_AWQ_OPTIONS, **_GPTQ_OPTIONS}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.awq = _AWQScales(**{k: self.options[k] for k in _AWQ_OPTIONS}, clip=False)
-        self.gptq = GPTQ(**{k: self.options[k] for k in GPTQ.defaults})
+        self.gptq = GPTQ(**{k: self.options[k] for k in _GPTQ_OPTIONS})
 
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
         fmt = per_linear(fmt, layer.weights)

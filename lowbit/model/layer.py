@@ -41,6 +41,26 @@ class BatchSplit:
         return BatchSplit(tuple(j for j in self.ids if j < n), self.tokens[:n], self.dist)
 
 
+class _InputsSeen(Exception):
+    """Raised from a forward hook once every input asked for was seen: stops the layer's forward early."""
+
+
+@contextlib.contextmanager
+def replaced_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The named linears of `module` compute with other weights W [out, in] (cast to their own dtype
+    and device) inside the block; the original tensors are put back, untouched, after it."""
+    saved = {}
+    try:
+        for n, W in weights.items():
+            lin = module.get_submodule(n)
+            saved[n] = lin.weight.data
+            lin.weight.data = W.to(device=saved[n].device, dtype=saved[n].dtype)
+        yield
+    finally:
+        for n, W in saved.items():
+            module.get_submodule(n).weight.data = W
+
+
 @contextlib.contextmanager
 def _input_hooks(module: nn.Module, names: Iterable[str], sink: dict[str, list[torch.Tensor]]) -> Iterator[None]:
     """Record the first positional input of each named submodule; hooks are always removed."""
@@ -186,19 +206,26 @@ class LayerData:
         def make_hook(n):
             def hook(_m, args):
                 x = args[0]
+                reached.add(n)
                 if id(x) in seen:
                     shared.setdefault(n, seen[id(x)][0])
-                    return
-                seen[id(x)] = (n, x)  # holding x keeps its id from being reused by a later tensor
-                shared.setdefault(n, n)
-                fn(n, x.reshape(-1, x.shape[-1]).float(), j)
+                else:
+                    seen[id(x)] = (n, x)  # holding x keeps its id from being reused by a later tensor
+                    shared.setdefault(n, n)
+                    fn(n, x.reshape(-1, x.shape[-1]).float(), j)
+                if len(reached) == len(names):  # the rest of the layer computes nothing asked for
+                    raise _InputsSeen
             return hook
 
         handles = [self.module.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
         try:
             for j, b in zip(ids, batches):
                 seen: dict[int, tuple[str, torch.Tensor]] = {}
-                self.run(b)
+                reached: set[str] = set()
+                try:
+                    self.run(b)
+                except _InputsSeen:
+                    pass
                 seen = {}
         finally:
             for h in handles:
@@ -228,19 +255,11 @@ class LayerData:
         Under torch.distributed each process runs its batches and all get every output, in batch order.
         """
         module = self.module.get_submodule(block)
-        saved = {}
-        try:
-            for n, W in (weights or {}).items():
-                lin = self.module.get_submodule(n)
-                saved[n] = lin.weight.data
-                lin.weight.data = W.to(device=saved[n].device, dtype=saved[n].dtype)
+        with replaced_weights(self.module, weights or {}):
             outs = []
             for args, kwargs in self.block_inputs(block):
                 y = module(*args, **kwargs)
                 outs.append((y[0] if isinstance(y, tuple) else y).float())
-        finally:
-            for n, W in saved.items():
-                self.module.get_submodule(n).weight.data = W
         if self.dist is None:
             return outs
         mine = dict(zip(self.split.ids, outs))
