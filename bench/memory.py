@@ -130,6 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", default=["fullload", "rtn", "awq"], choices=["fullload", "rtn", "awq"])
     ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--n-grid", type=int, default=20, help="AWQ's α grid (time only: memory does not depend on it)")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the big model (32 = Llama-3-8B)")
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--delete-model", action="store_true", help="remove the ~16 GB checkpoint afterwards")
@@ -154,7 +155,8 @@ def main() -> None:
     common = ["--bits", "4", "--group-size", "128", "--layer-batch-size", "1"]
     runs = {"rtn": ("lowbit rtn w4 g128", ["--method", "rtn"]),
             "awq": ("lowbit awq w4 g128 --layers 0-1",
-                    ["--method", "awq", "--layers", "0-1", "--n-calib", str(args.n_calib)])}
+                    ["--method", "awq", "--layers", "0-1", "--n-calib", str(args.n_calib),
+                     "--n-grid", str(args.n_grid)])}
     commands = []
     for key in [k for k in ("rtn", "awq") if k in args.runs]:
         label, extra = runs[key]

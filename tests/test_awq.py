@@ -157,8 +157,8 @@ def test_clip_search_picks_the_best_ratio_per_group():
     X = torch.randn(500, 64)
     H = X.T @ X / 500
     ratios = [1.0, 0.9, 0.8, 0.7, 0.6]
-    clip, err = clip_search(W, H, FMT, ratios)
     blocks = diagonal_blocks(H, 32)
+    clip, err = clip_search(W, blocks, FMT, ratios)
     for o in range(8):
         for g in range(2):
             errs = []

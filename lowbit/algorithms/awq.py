@@ -15,6 +15,7 @@ weight there is diag(1/row) · W · diag(col) and its input X / col, where W and
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -120,14 +121,25 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
     return float(((dW @ H) * dW).sum() / dW.shape[0])
 
 
-def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Format,
+def clip_search(W: torch.Tensor, blocks: torch.Tensor, fmt: Format,
                 ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the range shrink factor whose nearest-rounded group minimises that group's output
     error (AutoAWQ's auto_clip objective, on every token H was gathered on).
 
-    Shapes: W [out, in], H [in, in] (E[x xᵀ] of W's input) -> clip [out, n_groups], error [out, n_groups].
+    Shapes: W [out, in], blocks [n_groups, gl, gl] (the group-diagonal blocks of E[x xᵀ] of W's input,
+    `diagonal_blocks` or `InputStats.blocks`) -> clip [out, n_groups], error [out, n_groups].
     """
-    blocks = diagonal_blocks(H, fmt.group_length(W.shape[1]))
+    fmt = fmt.for_tensor(W)  # per-tensor parameters from the whole W: the rows are then independent
+    rows = max(1, ROW_CHUNK // W.shape[1])  # in row slices: the temporaries of a 14336-wide W are 235 MB each
+    parts = [_clip_rows(W[i:i + rows], blocks, fmt, ratios) for i in range(0, W.shape[0], rows)]
+    return torch.cat([b for b, _ in parts]), torch.cat([e for _, e in parts])
+
+
+ROW_CHUNK = 1 << 23  # weights per row slice where rows are worked on independently (memory)
+
+
+def _clip_rows(W: torch.Tensor, blocks: torch.Tensor, fmt: Format,
+               ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     Wg = fmt.grouped(W)  # [out, G, gl]: grid parameters broadcast over a group, no expanded copies
     best_err = best = None
     for r in ratios:
@@ -174,22 +186,37 @@ def flip_candidates(W: torch.Tensor, W_q: torch.Tensor, qp: QParams,
 
 
 # -- calibration statistics -------------------------------------------------------------------------
-@dataclass
 class InputStats:
     """Moments of one linear input X [tokens, in].
 
     mean = E[x], sq = E[x²], abs = E[|x|] per channel [in]; H = E[x xᵀ] [in, in] over the tokens
-    of the first calibration batches (see `collect_stats`).
+    of the first calibration batches (see `collect_stats`). H of a scaled view is computed when first
+    read: a search scales the stats once per candidate, and an [in, in] copy per candidate (822 MB
+    for an 8B down_proj) would be made for nothing where only the moments are used.
     """
 
-    mean: torch.Tensor
-    sq: torch.Tensor
-    abs: torch.Tensor
-    H: torch.Tensor
+    def __init__(self, mean: torch.Tensor, sq: torch.Tensor, abs: torch.Tensor, H: torch.Tensor,
+                 c: torch.Tensor | None = None):
+        self.mean, self.sq, self.abs = mean, sq, abs
+        self._H, self._c = H, c
+
+    @functools.cached_property
+    def H(self) -> torch.Tensor:
+        if self._c is None:
+            return self._H
+        return self._H.div(self._c[:, None]).div_(self._c[None, :])
+
+    def blocks(self, group_len: int) -> torch.Tensor:
+        """The group-diagonal blocks of H, [n_groups, group_len, group_len], without forming a scaled H."""
+        if self._c is None or "H" in self.__dict__:
+            return diagonal_blocks(self.H, group_len)
+        c = self._c.reshape(-1, group_len)
+        return diagonal_blocks(self._H, group_len) / (c[:, :, None] * c[:, None, :])
 
     def scaled(self, c: torch.Tensor) -> "InputStats":
         """The moments of X / c (c [in])."""
-        return InputStats(self.mean / c, self.sq / c**2, self.abs / c, self.H / (c[:, None] * c[None, :]))
+        base, c0 = (self._H, c) if self._c is None else (self._H, self._c * c)
+        return InputStats(self.mean / c, self.sq / c**2, self.abs / c, base, c0)
 
     def salience(self, kind: str) -> torch.Tensor:
         """Per-channel importance: E[x²] ("l2") or E[|x|] ("mean-abs", AutoAWQ's)."""
@@ -286,13 +313,17 @@ class ScaledLayer:
 
     @classmethod
     def of(cls, layer: LayerData) -> "ScaledLayer":
-        ws = {n: W.clone() for n, W in layer.weights.items()}
+        ws = dict(layer.weights)  # folds replace tensors, never write into them: no copy needed
         return cls(ws, {n: torch.ones_like(W[0]) for n, W in ws.items()},
                    {n: torch.ones_like(W[:, 0]) for n, W in ws.items()})
 
     def live(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """A work-space weight of linear `name` expressed for the live (unfolded) layer."""
-        return W * self.row[name][:, None] / self.col[name][None, :]
+        return self.live_(name, W.clone())
+
+    def live_(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """`live`, overwriting W (float32) in place."""
+        return W.mul_(self.row[name][:, None]).div_(self.col[name][None, :])
 
     def param(self, layer: LayerData, name: str) -> torch.Tensor | None:
         """A non-linear parameter as folded so far (None if the layer has none of that name)."""
@@ -360,24 +391,26 @@ def fold(layer: LayerData, state: ScaledLayer, group: BalanceGroup, s: torch.Ten
 
 
 # -- objectives -------------------------------------------------------------------------------------
-Objective = Callable[[dict[str, torch.Tensor]], float]
+Objective = Callable[[dict[str, Callable[[], torch.Tensor]]], float]  # {linear: () -> W_r} -> loss
 
 
 def block_objective(view: LayerData, state: ScaledLayer, group: BalanceGroup,
                     H: torch.Tensor, originals: dict[str, torch.Tensor]) -> Objective:
-    """loss(W_r in work space per group linear) = MSE of the group's block output.
+    """loss({linear: () -> W_r in work space}) = MSE of the group's block output. The weights come
+    as functions so that only one linear's float32 candidate exists at a time (235 MB for an 8B MLP).
 
     A block that is one linear needs no forward pass: its output MSE is exactly E[(ΔW x)²], from H
     (E[x xᵀ] of its live input, on the same tokens). Other blocks are run on `view`'s batches.
     """
     if len(group.linears) == 1 and group.block == group.linears[0]:
         n = group.block
-        return lambda W_r: output_error(state.live(n, W_r[n]) - originals[n], H)
+        return lambda W_r: output_error(state.live_(n, W_r[n]()).sub_(originals[n]), H)
     ref = view.run_block(group.block)
     total = sum(r.numel() for r in ref)
 
-    def loss(W_r: dict[str, torch.Tensor]) -> float:
-        outs = view.run_block(group.block, {n: state.live(n, W) for n, W in W_r.items()})
+    def loss(W_r: dict[str, Callable[[], torch.Tensor]]) -> float:
+        live = {n: state.live_(n, W_r[n]()).to(view.module.get_submodule(n).weight.dtype) for n in group.linears}
+        outs = view.run_block(group.block, live)
         return float(sum(((o - r) ** 2).sum() for o, r in zip(outs, ref)) / total)
     return loss
 
@@ -451,6 +484,18 @@ class AWQ(Method):
         """
         return qt
 
+    def rounded(self, W: torch.Tensor, s: torch.Tensor, grid: Format, Xs: InputStats, name: str) -> torch.Tensor:
+        """Q(W·s)/s [out, in] on `grid` with this method's rounding, a slice of rows at a time: rows
+        round independently, and whole-matrix temporaries of an 8B MLP weight are 235 MB each."""
+        W_s = W * s
+        grid = grid.for_tensor(W_s)
+        out = torch.empty_like(W_s)
+        rows = max(1, ROW_CHUNK // W.shape[1])
+        for i in range(0, W.shape[0], rows):
+            part = W_s[i:i + rows]
+            out[i:i + rows] = self.round(part, grid.encode(part), Xs, name).dequantize().div_(s)
+        return out
+
     def hessian_tokens(self) -> int:
         return self.options["search_tokens"]
 
@@ -504,11 +549,8 @@ class AWQ(Method):
         def loss_at(i: int) -> float:
             s = awq_scales(x, i / self.options["n_grid"], w_mean)
             Xs = X.scaled(s)
-            W_r = {}
-            for n in group.linears:
-                W_s = plan.state.weights[n] * s
-                W_r[n] = self.round(W_s, grids[n].encode(W_s), Xs, n).dequantize() / s
-            return loss_of(W_r)
+            return loss_of({n: functools.partial(self.rounded, plan.state.weights[n], s, grids[n], Xs, n)
+                            for n in group.linears})
 
         # α's are independent: under torch.distributed each process judges a share on all search tokens
         found = layer.map(range(self.options["n_grid"]), loss_at)
@@ -528,7 +570,7 @@ class AWQ(Method):
             W, X, f = plan.state.weights[n], plan.inputs(n), fmts[n]
             clip, rstats = None, {}
             if self.options["clip"] and clippable(n) and f.search_grid() is f:
-                clip, _ = clip_search(W, X.H, f, ratios)
+                clip, _ = clip_search(W, X.blocks(f.group_length(W.shape[1])), f, ratios)
             qt = f.encode(W, clip, importance=self.importance(X, f))
             return self.round(W, qt, X, n, rstats), None if clip is None else float(clip.mean()), rstats
 

@@ -141,11 +141,12 @@ class AWQJoint(AWQ):
 
         def error_at(i: int) -> float:
             s = awq_scales(x, i / self.options["n_grid"], w_mean)
-            H = X.H / (s[:, None] * s[None, :])
+            Xs = X.scaled(s)
             err = 0.0
             for n in group.linears:
                 use = ratios if self.options["clip"] and clippable(n) else [1.0]
-                err += float(clip_search(sample[n] * s, H, grids[n], use)[1].sum())
+                blocks = Xs.blocks(grids[n].group_length(sample[n].shape[1]))
+                err += float(clip_search(sample[n] * s, blocks, grids[n], use)[1].sum())
             return err
 
         # α's are independent: under torch.distributed each process screens a share
@@ -173,7 +174,7 @@ class AWQJoint(AWQ):
                        for n in group.linears}
             else:
                 qts = self.fit_codes({n: plan.state.weights[n] * s for n in group.linears}, X.scaled(s), fmt)
-            return loss_of({n: qt.dequantize() / s for n, qt in qts.items()}), qts
+            return loss_of({n: lambda qt=qt: qt.dequantize() / s for n, qt in qts.items()}), qts
 
         # candidates are independent: under torch.distributed each process fits and judges a share
         judged = layer.map(range(len(candidates)), judge)
@@ -194,7 +195,7 @@ class AWQJoint(AWQ):
             qts = {}
             for n, W in Ws.items():
                 f = fmts[n]
-                clip = (clip_search(W, X.H, f, ratios)[0]
+                clip = (clip_search(W, X.blocks(f.group_length(W.shape[1])), f, ratios)[0]
                         if self.options["clip"] and clippable(n) and f.search_grid() is f else None)
                 qts[n] = f.encode(W, clip, importance=self.importance(X, f))
             for f in dict.fromkeys(fmts.values()):
