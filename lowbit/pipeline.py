@@ -17,6 +17,7 @@ import logging
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -277,23 +278,60 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batch
     selected = set(layer_ids)
     stop = model.num_layers if (cfg.quantize_lm_head and batches) else max(layer_ids) + 1
     bar = tqdm(total=len(layer_ids), desc=f"{cfg.method} layers", unit="layer", disable=not progress)
-    for chunk_start in range(0, stop, cfg.layer_batch_size):
-        chunk = range(chunk_start, min(chunk_start + cfg.layer_batch_size, stop))
-        for i in chunk:
-            model.materialize(model.layer_path(i))
-        for i in chunk:
-            if i in selected:
-                _quantize_one_layer(model, method, fmt, batches, split, i, layers_dir)
-                bar.update(1)
-            if batches and (i + 1 < stop or cfg.quantize_lm_head):
-                for b in batches:
-                    b.hidden = _checked(model.run_layer(i, b), f"layer {i} output")
-            model.release(model.layer_path(i))
+    writer = _PlanWriter(background=model.device.type == "cuda")
+    try:
+        for chunk_start in range(0, stop, cfg.layer_batch_size):
+            chunk = range(chunk_start, min(chunk_start + cfg.layer_batch_size, stop))
+            for i in chunk:
+                model.materialize(model.layer_path(i))
+            for i in chunk:
+                if i in selected:
+                    _quantize_one_layer(model, method, fmt, batches, split, i, layers_dir, writer)
+                    bar.update(1)
+                if batches and (i + 1 < stop or cfg.quantize_lm_head):
+                    for b in batches:
+                        b.hidden = _checked(model.run_layer(i, b), f"layer {i} output")
+                model.release(model.layer_path(i))
+    finally:
+        writer.close()
     bar.close()
 
 
+class _PlanWriter:
+    """Writes layer plans, on a GPU run in a background thread: the next layer's GPU work then overlaps
+    the disk write (an 8B layer's plan is ~230 MB), which would otherwise hold up every other process
+    under torchrun. A CPU run writes in line, as its memory, not its disk, is what is short.
+    A failed write (a full disk) is raised at the next write or at `close`."""
+
+    def __init__(self, background: bool):
+        self.pool = ThreadPoolExecutor(1) if background else None
+        self.pending: Future | None = None
+
+    def save(self, path: Path, quantized: dict[str, QuantizedTensor], updates: dict[str, torch.Tensor],
+             stats: dict) -> None:
+        if self.pool is None:
+            return save_layer(path, quantized, updates, stats)
+        on_host = {n: QuantizedTensor(qt.W_q.cpu(), QParams(qt.qparams.scale.cpu(), qt.qparams.zero.cpu()),
+                                      qt.format, None if qt.g_idx is None else qt.g_idx.cpu())
+                   for n, qt in quantized.items()}
+        self.wait()
+        self.pending = self.pool.submit(save_layer, path, on_host, {n: t.cpu() for n, t in updates.items()}, stats)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            try:
+                self.wait()
+            finally:
+                self.pool.shutdown()
+
+
 def _quantize_one_layer(model: StreamedModel, method: Method, fmt: FormatMap, batches: list[Batch], split: BatchSplit,
-                        i: int, layers_dir: Path) -> None:
+                        i: int, layers_dir: Path, writer: "_PlanWriter") -> None:
     path = model.layer_path(i)
     module = model.layers[i]
     plan_file = layers_dir / f"{i:05d}.safetensors"
@@ -312,7 +350,7 @@ def _quantize_one_layer(model: StreamedModel, method: Method, fmt: FormatMap, ba
         quantized = {f"{path}.{n}": qt for n, qt in result.quantized.items()}
         updates = {f"{path}.{n}": t for n, t in result.updates.items()}
         if main:
-            save_layer(plan_file, quantized, updates, result.stats)
+            writer.save(plan_file, quantized, updates, result.stats)
         if result.stats:
             log.info("layer %d: %s", i, result.stats)
     _apply(model, quantized, updates)

@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_identical_output(tiny_llama, tmp_path, monkeypatc
     real = pipeline._quantize_one_layer
 
     def dies_at_layer_1(*args):
-        if args[-2] == 1:  # (model, method, fmt, batches, split, i, layers_dir)
+        if args[-3] == 1:  # (model, method, fmt, batches, split, i, layers_dir, writer)
             raise KeyboardInterrupt
         return real(*args)
 
@@ -128,3 +128,23 @@ def test_unknown_method_and_option(tiny_llama, tmp_path):
         lowbit.quantize(tiny_llama, tmp_path / "o", method="nope", **QUICK)
     with pytest.raises(LowbitError, match="has no option"):
         lowbit.quantize(tiny_llama, tmp_path / "o", method="rtn", bogus=1, **QUICK)
+
+
+def test_background_plan_writer_writes_and_reports_failures(tmp_path):
+    """GPU runs write layer plans in a thread: the file must land whole, and a failed write must not
+    vanish with the thread (it is raised at the next write or at close)."""
+    from lowbit.formats import QParams, QuantizedTensor
+    from lowbit.formats.int import IntFormat
+    from lowbit.plan import load_layer
+    fmt = IntFormat(bits=4, group_size=32, sym=False)
+    qt = fmt.encode(torch.randn(8, 64))
+    writer = pipeline._PlanWriter(background=True)
+    writer.save(tmp_path / "00000.safetensors", {"l.q": qt}, {}, {"loss": 1.0})
+    writer.close()
+    back = load_layer(tmp_path / "00000.safetensors", fmt)[0]["l.q"]
+    assert torch.equal(back.W_q, qt.W_q) and torch.equal(back.qparams.scale, qt.qparams.scale.float())
+    writer = pipeline._PlanWriter(background=True)
+    writer.save(tmp_path / "missing-dir" / "00001.safetensors", {"l.q": QuantizedTensor(qt.W_q, QParams(
+        qt.qparams.scale, qt.qparams.zero), fmt)}, {}, {})
+    with pytest.raises(Exception):
+        writer.close()

@@ -491,7 +491,7 @@ class GPTQ(Method):
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
         if not self.options["true_sequential"]:
             hessians, shared = collect_hessians(layer, list(layer.weights))
-            return solve_layer(layer.weights, hessians, shared, fmt, layer.map, **self.solver_options())
+            return solve_layer(layer.weights, hessians, shared, fmt, layer.map, _parts(layer), **self.solver_options())
         return self.quantize_sequentially(layer, fmt)
 
     def quantize_sequentially(self, layer, fmt: Formats) -> LayerResult:
@@ -505,13 +505,18 @@ class GPTQ(Method):
             with replaced_weights(layer.module, done):
                 hessians, shared = collect_hessians(layer, names)
             result = solve_layer({n: layer.weights[n] for n in names}, hessians, shared, fmt, layer.map,
-                                 **self.solver_options())
+                                 _parts(layer), **self.solver_options())
             for n, qt in result.quantized.items():
                 quantized[n] = qt
                 done[n] = qt.dequantize()
             for k, v in result.stats.items():  # per-linear entries: dicts by name, lists of names
                 stats[k] = {**stats.get(k, {}), **v} if isinstance(v, dict) else [*stats.get(k, []), *v]
         return LayerResult({n: quantized[n] for n in layer.weights}, stats=stats)
+
+
+def _parts(layer) -> int:
+    """Row slices per solve: one per process sharing the layer (see `solve_layer`)."""
+    return 1 if layer.dist is None else layer.dist.world
 
 
 def input_sets(layer) -> list[list[str]]:
@@ -565,5 +570,6 @@ class AWQGPTQ(Method):
             shared[n] = rep
             if rep not in hessians:
                 hessians[rep] = 2 * plan.inputs(rep).H  # E[x xᵀ] in work space -> 2 XᵀX / n
-        result = solve_layer(plan.state.weights, hessians, shared, fmt, layer.map, **self.gptq.solver_options())
+        result = solve_layer(plan.state.weights, hessians, shared, fmt, layer.map, _parts(layer),
+                             **self.gptq.solver_options())
         return LayerResult(result.quantized, plan.state.updates, {"groups": plan.info, **result.stats})
