@@ -463,7 +463,7 @@ class GPTQ(Method):
     defaults = {
         "block_size": 128,
         "damp": 0.01,
-        "act_order": False,
+        "act_order": True,
         "static_groups": False,
         "true_act_order": False,
         "observer": "minmax",
