@@ -10,9 +10,26 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_w4a16 import pdl_enabled
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, H, eps, BLOCK: tl.constexpr):
+def _pdl_start(PDL: tl.constexpr):
+    """Under programmatic dependent launch (`triton_w4a16.pdl_enabled`): wait for the previous
+    kernel's output, then let the next kernel be launched while this small one runs."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def _pdl(t: torch.Tensor) -> dict:
+    on = pdl_enabled(t.device)
+    return {"PDL": on, **({"launch_pdl": True} if on else {})}
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < H
@@ -27,13 +44,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     H = x.shape[-1]
     y = torch.empty_like(x)
     block = triton.next_power_of_2(H)
-    _rms_norm_kernel[(x.numel() // H,)](x, w, y, H, eps, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    _rms_norm_kernel[(x.numel() // H,)](x, w, y, H, eps, BLOCK=block, num_warps=8 if block >= 2048 else 4, **_pdl(x))
     return y
 
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, L, HQ, HKV,
-                    D: tl.constexpr, HALF_P: tl.constexpr):
+                    D: tl.constexpr, HALF_P: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     h = tl.program_id(0)  # q heads, then k heads (each also copies its v head)
     pos = tl.load(pos_ptr)
     HALF: tl.constexpr = D // 2
@@ -63,13 +81,14 @@ def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq: int, hkv: int) -> torch.Te
     L, D = k_cache.shape[1], k_cache.shape[2]
     q = torch.empty(hq, D, dtype=qkv.dtype, device=qkv.device)
     _rope_kv_kernel[(hq + hkv,)](qkv, cos, sin, pos, q, k_cache, v_cache, L, hq, hkv, D=D,
-                                 HALF_P=triton.next_power_of_2(D // 2), num_warps=1)
+                                 HALF_P=triton.next_power_of_2(D // 2), num_warps=1, **_pdl(qkv))
     return q
 
 
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, L, scale, GROUP,
-                      D: tl.constexpr, DP: tl.constexpr, BL: tl.constexpr):
+                      D: tl.constexpr, DP: tl.constexpr, BL: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     h = tl.program_id(0)  # one q head; its kv head is h // GROUP
     kh = h // GROUP
     pos = tl.load(pos_ptr)
@@ -102,12 +121,13 @@ def attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
     hkv, L = k_cache.shape[0], k_cache.shape[1]
     o = torch.empty(1, hq * D, dtype=q.dtype, device=q.device)
     _attention_kernel[(hq,)](q, k_cache, v_cache, o, pos, L, scale, hq // hkv, D=D,
-                             DP=triton.next_power_of_2(D), BL=64, num_warps=4)
+                             DP=triton.next_power_of_2(D), BL=64, num_warps=4, **_pdl(q))
     return o
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, o_ptr, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, o_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < I
     g = tl.load(gu_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -118,5 +138,5 @@ def _silu_mul_kernel(gu_ptr, o_ptr, I, BLOCK: tl.constexpr):
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     I = gu.shape[-1] // 2
     o = torch.empty(1, I, dtype=gu.dtype, device=gu.device)
-    _silu_mul_kernel[(triton.cdiv(I, 1024),)](gu, o, I, BLOCK=1024, num_warps=4)
+    _silu_mul_kernel[(triton.cdiv(I, 1024),)](gu, o, I, BLOCK=1024, num_warps=4, **_pdl(gu))
     return o
