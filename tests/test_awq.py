@@ -33,9 +33,9 @@ def _one_thread():
 
 
 # -- helpers: float activations of a tiny model, layer by layer ---------------------------------------
-def _streamed(model_dir, n_batches=2, seq=16):
+def _streamed(model_dir, n_batches=2, seq=16, dtype=torch.float32):
     """The model with all layers materialized, and calibration batches for each layer's input."""
-    model = StreamedModel(model_dir)
+    model = StreamedModel(model_dir, dtype=dtype)
     ids = torch.randint(3, 300, (n_batches, seq), generator=torch.Generator().manual_seed(1))
     batches = [model.embed(ids[i:i + 1]) for i in range(n_batches)]
     per_layer = []
@@ -115,6 +115,31 @@ def test_folding_keeps_the_float_layer_output(family, tiny_models, mha_models):
     assert plan.info, "no balance group was searched"
     torch.testing.assert_close(_outputs(layer.module, per_layer[0], 0, plan.state.weights, plan.state.updates),
                                ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-joint"])
+def test_folding_in_place_plans_like_copying(method, mha_models, monkeypatch):
+    """bf16 layers: AWQ folds into the layer's private float32 copies (one copy of the weights, not
+    two) and still plans exactly what folding into fresh tensors does, v -> o and up -> down included
+    (their objectives read the original o / down weights after earlier folds)."""
+    model, per_layer = _streamed(mha_models["llama"], dtype=torch.bfloat16)
+    layer = _layer(model, per_layer)
+    before = {n: W.clone() for n, W in layer.weights.items()}
+    a = make_method(method, {"n_grid": 5}).quantize_layer(layer, FMT)
+    changed = [n for n in before if not torch.equal(layer.weights[n], before[n])]
+    assert changed, "nothing was folded in place"
+
+    of = ScaledLayer.of.__func__
+    monkeypatch.setattr(ScaledLayer, "of", classmethod(lambda cls, layer, consume=False: of(cls, layer, False)))
+    layer = _layer(model, per_layer)
+    b = make_method(method, {"n_grid": 5}).quantize_layer(layer, FMT)
+    assert all(torch.equal(layer.weights[n], before[n]) for n in before)
+    assert a.stats["groups"] == b.stats["groups"] and len(a.stats["groups"]) == 4
+    for n in a.quantized:
+        assert torch.equal(a.quantized[n].dequantize(), b.quantized[n].dequantize()), n
+    assert a.updates.keys() == b.updates.keys()
+    for k in a.updates:
+        assert torch.equal(a.updates[k], b.updates[k]), k
 
 
 def test_gemma_norm_folds_as_one_plus_w(tiny_models):

@@ -310,12 +310,19 @@ class ScaledLayer:
     col: dict[str, torch.Tensor]
     row: dict[str, torch.Tensor]
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    writable: set[str] = field(default_factory=set)  # weights `fold` may scale in place
 
     @classmethod
-    def of(cls, layer: LayerData) -> "ScaledLayer":
-        ws = dict(layer.weights)  # folds replace tensors, never write into them: no copy needed
+    def of(cls, layer: LayerData, consume: bool = False) -> "ScaledLayer":
+        """The unscaled layer. Folds replace tensors, never write into them, so no copy is needed;
+        with `consume`, folds write into the layer's own float32 copies of non-float32 weights
+        instead (an 8B layer's 0.87 GB is then not held twice), and `layer.weights` change with them."""
+        ws = dict(layer.weights)
+        writable = set()
+        if consume:
+            writable = {n for n, W in ws.items() if W.data_ptr() != layer.module.get_submodule(n).weight.data_ptr()}
         return cls(ws, {n: torch.ones_like(W[0]) for n, W in ws.items()},
-                   {n: torch.ones_like(W[:, 0]) for n, W in ws.items()})
+                   {n: torch.ones_like(W[:, 0]) for n, W in ws.items()}, writable=writable)
 
     def live(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """A work-space weight of linear `name` expressed for the live (unfolded) layer."""
@@ -367,11 +374,14 @@ def unfoldable(layer: LayerData, state: ScaledLayer, group: BalanceGroup) -> str
 def fold(layer: LayerData, state: ScaledLayer, group: BalanceGroup, s: torch.Tensor) -> None:
     """Scale input channels of the group's linears by s and divide the preceding op's outputs by s."""
     for n in group.linears:
-        state.weights[n] = state.weights[n] * s[None, :]
+        if n in state.writable:
+            state.weights[n].mul_(s[None, :])
+        else:
+            state.weights[n] = state.weights[n] * s[None, :]
         state.col[n] = state.col[n] * s
     if group.prev in state.weights:
         rows = prev_rows(group, state.weights[group.prev].shape[0])
-        W = state.weights[group.prev].clone()
+        W = state.weights[group.prev] if group.prev in state.writable else state.weights[group.prev].clone()
         W[rows] = W[rows] / s[:, None]
         state.weights[group.prev] = W
         r = state.row[group.prev].clone()
@@ -391,6 +401,11 @@ def fold(layer: LayerData, state: ScaledLayer, group: BalanceGroup, s: torch.Ten
 
 
 # -- objectives -------------------------------------------------------------------------------------
+def single_linear(group: BalanceGroup) -> bool:
+    """Whether the group's block is its one linear (v -> o, up -> down), judged from H alone."""
+    return len(group.linears) == 1 and group.block == group.linears[0]
+
+
 Objective = Callable[[dict[str, Callable[[], torch.Tensor]]], float]  # {linear: () -> W_r} -> loss
 
 
@@ -402,7 +417,7 @@ def block_objective(view: LayerData, state: ScaledLayer, group: BalanceGroup,
     A block that is one linear needs no forward pass: its output MSE is exactly E[(ΔW x)²], from H
     (E[x xᵀ] of its live input, on the same tokens). Other blocks are run on `view`'s batches.
     """
-    if len(group.linears) == 1 and group.block == group.linears[0]:
+    if single_linear(group):
         n = group.block
         return lambda W_r: output_error(state.live_(n, W_r[n]()).sub_(originals[n]), H)
     ref = view.run_block(group.block)
@@ -520,7 +535,12 @@ class AWQ(Method):
         stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
         stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b)
         view = candidate_view(layer, batches_for(layer, self.options["search_tokens"]))
-        plan = LayerPlan(ScaledLayer.of(layer), stats, keys, {})
+        plan = LayerPlan(ScaledLayer.of(layer, consume=True), stats, keys, {})
+        # a one-linear block's objective compares with that linear's original weights (layer.weights),
+        # so it is folded in place only once its own group has been searched
+        originals = {g.linears[0] for g in layer.family.balance if single_linear(g)}
+        held = plan.state.writable & originals
+        plan.state.writable -= held
         for group in layer.family.balance:
             why = unfoldable(layer, plan.state, group)
             if why:
@@ -528,6 +548,8 @@ class AWQ(Method):
                           ",".join(group.linears), why)
                 continue
             s, info = self.search(layer, view, plan, group, fmt)
+            if single_linear(group) and group.linears[0] in held:
+                plan.state.writable.add(group.linears[0])
             if not torch.all(s == 1):
                 fold(layer, plan.state, group, s)
             plan.info[group.prev] = info
