@@ -66,6 +66,8 @@ PEERS = {
     "llmc-gptq": ("llmc", "llmcompressor_run.py", ("--method", "gptq")),
     "llmc-awq": ("llmc", "llmcompressor_run.py", ("--method", "awq")),
     "auto-round": ("autoround", "autoround_run.py", ()),
+    "hqq": ("hqq", "hqq_run.py", ()),
+    "bnb-nf4": ("bnb", "bnb_run.py", ()),
 }
 
 
@@ -108,6 +110,19 @@ def run_entry(entry: str, base: Path, out: Path, calib: Path, group_size: int, n
     return r
 
 
+def entry_dir(root: Path, model: str, group_size: int, entry: str) -> Path:
+    """Where one table row's output lives (stable, so --reuse finds it again)."""
+    return root / f"{model}-g{group_size}-{entry.replace(' --', '-').replace(' ', '-').replace(':', '-').lstrip('-')}"
+
+
+def score(outs: list[Path], base: Path, n_windows: int) -> list[dict]:
+    """Every output scored in one `lowbit eval` against the base (its logits computed once) on
+    held-out Moby Dick: KLD mean with its bootstrap CI, p99, top-1, perplexity."""
+    cmd = [sys.executable, "-m", "lowbit", "-q", "eval", "--model-path", *map(str, outs), "--base", str(base),
+           "--text", "moby-dick", "--n-windows", str(n_windows), "--json"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=child_env()).stdout)["results"]
+
+
 def quality_table(model: str, group_size: int, entries: list[str], n_calib: int, n_windows: int,
                   keep: Path | None, reuse: bool) -> str:
     """Quantize `model` with every entry (same calibration ids), score all in one `lowbit eval` on
@@ -120,13 +135,11 @@ def quality_table(model: str, group_size: int, entries: list[str], n_calib: int,
         root = keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         calib = save_calibration(base, n_calib, 512, 0, root / f"{model}-calib-{n_calib}.pt")
-        outs = [root / f"{model}-g{group_size}-{e.replace(' --', '-').replace(' ', '-').lstrip('-')}" for e in entries]
+        outs = [entry_dir(root, model, group_size, e) for e in entries]
         runs = [run_entry(e, base, o, calib, group_size, n_calib, reuse) for e, o in zip(entries, outs)]
         done = [(e, r, o) for e, r, o in zip(entries, runs, outs) if not r.get("failed")]
         entries, runs, outs = (list(x) for x in zip(*done))
-        cmd = [sys.executable, "-m", "lowbit", "-q", "eval", "--model-path", *map(str, outs), "--base", str(base),
-               "--text", "moby-dick", "--n-windows", str(n_windows), "--json"]
-        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=child_env()).stdout)["results"]
+        res = score(outs, base, n_windows)
     ref = res[0]["kld_mean"]
     rows = [{"method": e, "wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss"] / 2**30, "kld_mean": s["kld_mean"],
              "kld_ci": f"[{s.get('kld_mean_ci_lo', float('nan')):.4f}, {s.get('kld_mean_ci_hi', float('nan')):.4f}]",

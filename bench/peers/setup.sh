@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Peer tools, each in its own venv under ~/.cache/lowbit/peers (they pin different transformers/torch).
-#   bash bench/peers/setup.sh [llmc] [autoround] [gptqmodel] [hqq]      (default: all)
+#   bash bench/peers/setup.sh [llmc] [autoround] [gptqmodel] [hqq] [bnb]      (default: all)
 set -euo pipefail
 ROOT="${LOWBIT_CACHE:-$HOME/.cache/lowbit}/peers"
 PY="${PYTHON:-python3.11}"
@@ -20,4 +20,5 @@ want autoround "${ARGS[@]}" && mk autoround 2.13.0 auto-round==0.16.1
 # GPTQModel 7.7.0 needs torch 2.14.1 and builds without isolation against it.
 want gptqmodel "${ARGS[@]}" && mk gptqmodel 2.14.1 --no-build-isolation gptqmodel==7.7.0
 want hqq "${ARGS[@]}" && DISABLE_CUDA=1 mk hqq 2.13.0 hqq==0.2.8.post1 transformers
+want bnb "${ARGS[@]}" && mk bnb 2.13.0 bitsandbytes transformers accelerate
 echo "peers ready under $ROOT"
