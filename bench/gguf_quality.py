@@ -154,20 +154,32 @@ def bench_model(name: str, args, bin_dir: Path, work: Path) -> str:
     return "\n".join(lines)
 
 
+def bf16_copy(model: Path, out: Path) -> Path:
+    """The model saved in bfloat16 (as released; lowbit's cached copy may be float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not (out / "config.json").is_file():
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(out)
+        AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
 def q4x_table(model: Path, work: Path, reuse: bool) -> str:
-    """Q4_0 vs Q4_X from a symmetric INT4 group-32 checkpoint (seed 003)."""
+    """Q4_0 vs Q4_X from a symmetric INT4 group-32 checkpoint (seed 003) with bf16 group scales, as
+    INT4 QAT releases ship them (lowbit stores scales in the source dtype: a bf16 copy of the model)."""
     from lowbit.export.gguf import export_gguf
-    ckpt = work / "int4-sym-g32"
+    ckpt = work / "int4-sym-g32-bf16"
     if not (reuse and (ckpt / "lowbit.json").is_file()):
-        lowbit("quantize", "--model-path", str(model), "--output-dir", str(ckpt), "--overwrite", "--method", "rtn",
-               "--sym", "--group-size", "32", "--bits", "4")
+        lowbit("quantize", "--model-path", str(bf16_copy(model, work / "bf16")), "--output-dir", str(ckpt),
+               "--overwrite", "--method", "rtn", "--sym", "--group-size", "32", "--bits", "4")
     report = export_gguf(str(ckpt), str(work / "int4-Q4_X.gguf"), "Q4_0", overwrite=True)
     worst = report.fidelity_summary()
     rows = [{"encoding": "Q4_0 (re-quantized)", "cosine": worst["q4_0"].cosine, "max_abs": worst["q4_0"].max_abs_err,
              "rel_amax": 100 * worst["q4_0"].rel_max_abs_err},
             {"encoding": "Q4_X (INT4 codes as Q4_0)", "cosine": worst["q4_x"].cosine,
              "max_abs": worst["q4_x"].max_abs_err, "rel_amax": 100 * worst["q4_x"].rel_max_abs_err}]
-    return (f"Q4_0 vs Q4_X against the INT4 sym g32 checkpoint ({len(report.fidelity)} linears, worst tensor):\n"
+    return (f"Q4_0 vs Q4_X against the INT4 sym g32 checkpoint, bf16 scales ({len(report.fidelity)} linears, "
+            "worst tensor):\n"
             + table(rows, [("encoding", "{}"), ("cosine", "{:.9f}"), ("max_abs", "{:.3g}"), ("rel_amax", "{:.4f}%")]))
 
 
