@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
+from ..model.compat import cached_forward
 from ..model.source import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def measure(path: str, cfg: ServingConfig) -> ServingFigures:
     prompt = torch.randint(0, vocab, (1, cfg.prompt_tokens), generator=g).to(dev)
 
     def prefill():
-        out = model(input_ids=prompt, use_cache=True)
+        out = cached_forward(model, prompt)
         _sync(dev)
         return out
 
@@ -172,12 +173,12 @@ def measure(path: str, cfg: ServingConfig) -> ServingFigures:
                 _reset_peak(dev)
     else:
         for r in range(cfg.repeats + 1):
-            out = prefill()
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            logits, past = prefill()
+            nxt = logits[:, -1:].argmax(-1)
             for _ in range(cfg.new_tokens):
                 t0 = time.perf_counter()
-                o = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                logits, past = cached_forward(model, nxt, past)
+                nxt = logits[:, -1:].argmax(-1)
                 _sync(dev)
                 if r:
                     steps.append(time.perf_counter() - t0)

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..model.compat import cached_forward
 from ..model.source import resolve_model_dir
 from .evaluate import load_causal_lm
 
@@ -256,9 +257,8 @@ def greedy_answer(model, tokenizer, item: ExactItem, device: str = "cpu") -> str
     past, text, new = None, "", []
     x = ids
     for _ in range(item.max_tokens):
-        out = model(input_ids=x, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = int(out.logits[0, -1].argmax())
+        logits, past = cached_forward(model, x, past)
+        nxt = int(logits[0, -1].argmax())
         if nxt == eos:
             break
         new.append(nxt)

@@ -4,10 +4,14 @@ compressed-tensors ≤ 0.20 builds the empty module for an asymmetric pack-quant
 with an unpacked zero point ([out, G] int8), while its own compressor (and vLLM) store it
 packed ([out·b/32, G] int32), so transformers refuses such checkpoints with a size mismatch
 (vllm-project/llm-compressor#1618). Inside lowbit's loader the meta shape is corrected.
+
+transformers 5.x renamed the KV-cache argument and output field `past_key_values` to `cache`
+(the old name is deprecated and goes away in a later 5.x): `cached_forward` speaks either.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Iterator
 
@@ -34,3 +38,11 @@ def packed_zero_point_on_meta() -> Iterator[None]:
         yield
     finally:
         pq.PackedQuantizationCompressor.compress = classmethod(original)
+
+
+def cached_forward(model, input_ids: torch.Tensor, cache=None):
+    """model(input_ids) extending `cache` (None starts one); returns (logits [B, T, V], cache),
+    under whichever name this transformers gives the KV cache."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out.logits, getattr(out, "cache", None) if name == "cache" else out.past_key_values
