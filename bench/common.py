@@ -30,14 +30,29 @@ def run_quantize(model: Path, out: Path, *args: str) -> dict:
     return meta
 
 
+# Linux starts a child's ru_maxrss from its parent's peak at exec, so a bench process that itself held
+# gigabytes (memory.py generates the checkpoint) would lend them to every child it measures. A small
+# launcher process in between has a small peak to pass on.
+_LAUNCHER = """import json, os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "peak_rss": usage.ru_maxrss * 1024}, f)
+"""
+
+
 def run_measured(cmd: list[str], cwd: Path | None = None) -> dict:
-    """Run `cmd` to completion; its exit status, wall time and peak RSS (its own ru_maxrss, from wait4,
-    so neither this process nor earlier children count)."""
+    """Run `cmd` to completion; its exit status, wall time and peak RSS (its own ru_maxrss, from wait4 in
+    a small launcher, so neither this process nor earlier children count)."""
+    import tempfile
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env())
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t, "peak_rss": usage.ru_maxrss * 1024}
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "usage.json"
+        launcher = subprocess.run([sys.executable, "-c", _LAUNCHER, str(record), *cmd], cwd=cwd, env=child_env())
+        if not record.is_file():
+            return {"rc": launcher.returncode or 1, "wall_s": time.perf_counter() - t, "peak_rss": 0}
+        usage = json.loads(record.read_text())
+    return {**usage, "wall_s": time.perf_counter() - t}
 
 
 def run_eval(model: Path, base: Path, text: str, n_windows: int) -> dict:
