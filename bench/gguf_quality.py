@@ -39,7 +39,7 @@ from common import table  # noqa: E402
 
 LLAMA_TYPES = ["Q4_0", "Q4_K_M", "Q4_K_M+imatrix", "Q6_K"]
 PLAIN_TYPES = ["Q4_0", "Q4_K_M", "Q6_K"]
-CALIBRATED = ["awq:Q4_K_M", "gptq:Q4_K_M"]
+CALIBRATED = ["awq:Q4_K_M", "gptq:Q4_K_M", "awq+gptq:Q4_K_M"]
 
 
 def lowbit(*args: str) -> None:
