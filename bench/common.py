@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,6 @@ with open(sys.argv[1], "w") as f:
 def run_measured(cmd: list[str], cwd: Path | None = None) -> dict:
     """Run `cmd` to completion; its exit status, wall time and peak RSS (its own ru_maxrss, from wait4 in
     a small launcher, so neither this process nor earlier children count)."""
-    import tempfile
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "usage.json"

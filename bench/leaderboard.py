@@ -16,8 +16,7 @@ bpw: bits per weight of the quantized linears, their scales / zeros / block meta
 16-bit scales as deployed (for GGUF, of the decoder linears' tensors in the file: SmolLM2's 576-wide
 rows do not divide into 256-weight K-quant blocks, so llama.cpp falls back to Q5_0 / Q8_0 there);
 size_mib: the whole model as deployed, unquantized tensors in 16 bits (for GGUF, the file, which
-also quantizes the embedding). wall_s / peak_rss_gib: the whole quantize process, on the machine in ran_on (a row that is too slow on
-these CPUs, auto-round's 200 iterations, may come from the GPU machine: its bench.json names it).
+also quantizes the embedding). wall_s / peak_rss_gib: the whole quantize process.
 The plot is KLD against size with the Pareto front.
 
     PYTHONPATH=bench python bench/leaderboard.py [--keep DIR [--reuse]] [--entries ...] [--out bench/results]
@@ -204,8 +203,7 @@ def main() -> None:
         bpw, nbytes = storage(e, shape, out)
         rows.append({"method": e, "bpw": bpw, "size_mib": nbytes / 2**20, "kld_mean": s["kld_mean"],
                      "kld_ci": f"[{s['kld_mean_ci_lo']:.4f}, {s['kld_mean_ci_hi']:.4f}]", "kld_p99": s["kld_p99"],
-                     "top1": s["top1"], "ppl": s["ppl"], "wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss"] / 2**30,
-                     "ran_on": r.get("machine", "this CPU")})
+                     "top1": s["top1"], "ppl": s["ppl"], "wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss"] / 2**30})
     rows.sort(key=lambda r: r["kld_mean"])
     front = pareto(rows)
     for r in rows:
@@ -216,8 +214,7 @@ def main() -> None:
             "pareto: * = no other row is both smaller and lower in KLD\n")
     text = head + table(rows, [("method", "{}"), ("bpw", "{:.3f}"), ("size_mib", "{:.1f}"), ("kld_mean", "{:.4f}"),
                                ("kld_ci", "{}"), ("kld_p99", "{:.3f}"), ("top1", "{:.2%}"), ("ppl", "{:.3f}"),
-                               ("wall_s", "{:.0f}"), ("peak_rss_gib", "{:.2f}"), ("ran_on", "{}"),
-                               ("pareto", "{}")])
+                               ("wall_s", "{:.0f}"), ("peak_rss_gib", "{:.2f}"), ("pareto", "{}")])
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ transformers 5.x renamed the KV-cache argument and output field `past_key_values
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from typing import Iterator
@@ -40,9 +41,15 @@ def packed_zero_point_on_meta() -> Iterator[None]:
         pq.PackedQuantizationCompressor.compress = classmethod(original)
 
 
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    """The KV-cache argument's name in this transformers (looked up once per class: decode steps are timed)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def cached_forward(model, input_ids: torch.Tensor, cache=None):
     """model(input_ids) extending `cache` (None starts one); returns (logits [B, T, V], cache),
-    under whichever name this transformers gives the KV cache."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    under whichever name this transformers gives the KV cache (argument and output field alike)."""
+    name = _cache_name(type(model))
     out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
-    return out.logits, getattr(out, "cache", None) if name == "cache" else out.past_key_values
+    return out.logits, getattr(out, name)
