@@ -10,8 +10,8 @@ import torch
 
 import lowbit
 from lowbit.algorithms import make_method
-from lowbit.algorithms.awq import (AWQ, ScaledLayer, awq_scales, clip_search, diagonal_blocks, flip_candidates, fold,
-                                   unfoldable)
+from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, clip_search, diagonal_blocks,
+                                   flip_candidates, fold, unfoldable)
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
 from lowbit.formats.int import IntFormat
@@ -140,6 +140,50 @@ def test_folding_in_place_plans_like_copying(method, mha_models, monkeypatch):
     assert a.updates.keys() == b.updates.keys()
     for k in a.updates:
         assert torch.equal(a.updates[k], b.updates[k]), k
+
+
+def test_sampled_inputs_give_the_moments_of_h():
+    """Second moments kept as the tokens' inputs X (fewer tokens than channels) answer as H does."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 96, generator=g).bfloat16()
+    H = X.float().T @ X.float() / 300
+    zero = torch.zeros(96)
+    dense, sampled = InputStats(zero, zero, zero, H), InputStats(zero, zero, zero, X=X)
+    c, dW = torch.rand(96, generator=g) + 0.5, torch.randn(40, 96, generator=g)
+    twice = (dense.scaled(c).scaled(c), sampled.scaled(c).scaled(c))
+    for a, b in [(dense, sampled), (dense.scaled(c), sampled.scaled(c)), twice]:
+        assert b.output_error(dW) == pytest.approx(a.output_error(dW), rel=1e-5)
+        torch.testing.assert_close(b.H, a.H)
+        torch.testing.assert_close(b.blocks(32), a.blocks(32))
+    assert dense.scaled(c).output_error(dW) == pytest.approx(float(((dW @ dense.scaled(c).H) * dW).sum() / 40), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sampled_inputs_plan_like_the_full_hessian(family, tiny_models, monkeypatch):
+    """32 calibration tokens, 64 and 128 input channels: AWQ keeps every input's tokens instead of H
+    (an 8B down_proj's H is 822 MB) and searches and clips exactly as it would from H."""
+    model, per_layer = _streamed(tiny_models[family])
+    kept = []
+    monkeypatch.setattr(InputStats, "__init__", _recording(InputStats.__init__, kept))
+    a = make_method("awq", {"n_grid": 5}).quantize_layer(_layer(model, per_layer), FMT)
+    assert kept and all(X is not None for X in kept)
+    kept.clear()
+    monkeypatch.setattr(AWQ, "full_hessian", True)
+    b = make_method("awq", {"n_grid": 5}).quantize_layer(_layer(model, per_layer), FMT)
+    assert kept and all(X is None for X in kept)
+    assert [g["alpha"] for g in a.stats["groups"].values()] == [g["alpha"] for g in b.stats["groups"].values()]
+    for ga, gb in zip(a.stats["groups"].values(), b.stats["groups"].values()):
+        assert ga["loss"] == pytest.approx(gb["loss"], rel=1e-4)
+    for n in a.quantized:
+        assert torch.equal(a.quantized[n].dequantize(), b.quantized[n].dequantize()), n
+
+
+def _recording(init, kept: list):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self._c is None:  # the collected stats, not a scaled view of them
+            kept.append(self._X)
+    return wrapped
 
 
 def test_gemma_norm_folds_as_one_plus_w(tiny_models):

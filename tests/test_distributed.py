@@ -21,11 +21,13 @@ from conftest import build_tiny_model
 from lowbit.api import quantize
 from lowbit.distributed import assign
 
-# 10 windows in batches of 2: 5 batches, 3 on rank 0 and 2 on rank 1; AWQ's search sees the first 2.
+# 10 windows in batches of 2: 5 batches, 3 on rank 0 and 2 on rank 1. AWQ's search sees the first 3
+# of 16-token windows: 96 tokens, fewer than down_proj's 128 inputs, whose tokens are then kept
+# (stacked over both ranks) instead of its H.
 CALIB = dict(n_calib=10, calib_batch_size=2, seq_len=64, group_size=32)
 RUNS = {
     "rtn": dict(method="rtn", **CALIB),
-    "awq": dict(method="awq", search_tokens=256, **CALIB),
+    "awq": dict(method="awq", search_tokens=96, **{**CALIB, "seq_len": 16}),
     "awq-joint": dict(method="awq-joint", **CALIB),  # candidates (α, clip) split over processes
     "gptq": dict(method="gptq", export_format="fake", **CALIB),  # dequantized: codes and grids in one number
 }

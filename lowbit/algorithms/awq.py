@@ -186,79 +186,139 @@ def flip_candidates(W: torch.Tensor, W_q: torch.Tensor, qp: QParams,
 
 
 # -- calibration statistics -------------------------------------------------------------------------
+TOKEN_CHUNK = 1024  # tokens per slice where sampled inputs X are multiplied out (temporaries stay small)
+
+
 class InputStats:
     """Moments of one linear input X [tokens, in].
 
-    mean = E[x], sq = E[x²], abs = E[|x|] per channel [in]; H = E[x xᵀ] [in, in] over the tokens
-    of the first calibration batches (see `collect_stats`). H of a scaled view is computed when first
-    read: a search scales the stats once per candidate, and an [in, in] copy per candidate (822 MB
-    for an 8B down_proj) would be made for nothing where only the moments are used.
+    mean = E[x], sq = E[x²], abs = E[|x|] per channel [in]; the second moments E[x xᵀ] over the
+    tokens of the first calibration batches (see `collect_stats`) come either as H [in, in] or,
+    where those tokens are fewer than the input channels, as the tokens' inputs X [t, in] themselves:
+    an 8B down_proj's H is 822 MB in float32, its 8192 search tokens 235 MB in bfloat16. Both give
+    the same `output_error` and `blocks`; `H` is formed from X only when read.
+
+    A scaled view (X / c) keeps the unscaled data and c: a search scales the stats once per candidate,
+    and an [in, in] copy per candidate would be made for nothing where only the moments are used.
     """
 
-    def __init__(self, mean: torch.Tensor, sq: torch.Tensor, abs: torch.Tensor, H: torch.Tensor,
-                 c: torch.Tensor | None = None):
+    def __init__(self, mean: torch.Tensor, sq: torch.Tensor, abs: torch.Tensor, H: torch.Tensor | None = None,
+                 c: torch.Tensor | None = None, X: torch.Tensor | None = None):
+        assert (H is None) != (X is None), "second moments as H or as sampled inputs X, one of them"
         self.mean, self.sq, self.abs = mean, sq, abs
-        self._H, self._c = H, c
+        self._H, self._X, self._c = H, X, c
 
     @functools.cached_property
     def H(self) -> torch.Tensor:
+        H = self._H if self._X is None else _gram(self._X)
         if self._c is None:
-            return self._H
-        return self._H.div(self._c[:, None]).div_(self._c[None, :])
+            return H
+        return H.div(self._c[:, None]).div_(self._c[None, :])
 
     def blocks(self, group_len: int) -> torch.Tensor:
         """The group-diagonal blocks of H, [n_groups, group_len, group_len], without forming a scaled H."""
-        if self._c is None or "H" in self.__dict__:
+        if "H" in self.__dict__:
             return diagonal_blocks(self.H, group_len)
+        raw = diagonal_blocks(self._H, group_len) if self._X is None else _gram_blocks(self._X, group_len)
+        if self._c is None:
+            return raw
         c = self._c.reshape(-1, group_len)
-        return diagonal_blocks(self._H, group_len) / (c[:, :, None] * c[:, None, :])
+        return raw / (c[:, :, None] * c[:, None, :])
+
+    def output_error(self, dW: torch.Tensor) -> float:
+        """E[(ΔW x)²] averaged over outputs, for ΔW [out, in] acting on this (possibly scaled) input."""
+        D = dW if self._c is None else dW / self._c
+        if self._X is None:
+            return output_error(D, self._H)
+        total = sum(float(D.matmul(part.T.float()).square_().sum()) for part in self._X.split(TOKEN_CHUNK))
+        return total / (self._X.shape[0] * dW.shape[0])
 
     def scaled(self, c: torch.Tensor) -> "InputStats":
         """The moments of X / c (c [in])."""
-        base, c0 = (self._H, c) if self._c is None else (self._H, self._c * c)
-        return InputStats(self.mean / c, self.sq / c**2, self.abs / c, base, c0)
+        c0 = c if self._c is None else self._c * c
+        return InputStats(self.mean / c, self.sq / c**2, self.abs / c, self._H, c0, self._X)
 
     def salience(self, kind: str) -> torch.Tensor:
         """Per-channel importance: E[x²] ("l2") or E[|x|] ("mean-abs", AutoAWQ's)."""
         return {"l2": self.sq, "mean-abs": self.abs}[kind]
 
 
-def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batches: int) -> dict[str, torch.Tensor]:
-    """One batch's terms of the moments: float32 within a batch, float64 across batches (H float32)."""
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """XᵀX / t in float32, a slice of tokens at a time. Shapes: X [t, in] -> [in, in]."""
+    H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    for part in X.split(TOKEN_CHUNK):
+        part = part.float()
+        H.addmm_(part.T, part)
+    return H.div_(max(X.shape[0], 1))
+
+
+def _gram_blocks(X: torch.Tensor, group_len: int) -> torch.Tensor:
+    """The group-diagonal blocks of XᵀX / t. Shapes: X [t, in] -> [in / group_len, group_len, group_len]."""
+    n = X.shape[1] // group_len
+    assert n * group_len == X.shape[1], f"group length {group_len} does not divide {X.shape[1]}"
+    out = torch.zeros(n, group_len, group_len, dtype=torch.float32, device=X.device)
+    for part in X.split(TOKEN_CHUNK):
+        g = part.float().reshape(-1, n, group_len).transpose(0, 1)  # [G, t, gl]
+        out.baddbmm_(g.transpose(1, 2), g)
+    return out.div_(max(X.shape[0], 1))
+
+
+def _exact_narrow(X: torch.Tensor) -> torch.Tensor:
+    """X in a 16-bit float type where that holds it exactly (a bf16 or fp16 model's activations)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = X.to(dtype)
+        if torch.equal(narrow.float(), X):
+            return narrow
+    return X
+
+
+def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batches: int,
+                  sampled: bool) -> dict[str, torch.Tensor]:
+    """One batch's terms of the moments: float32 within a batch, float64 across batches (H float32);
+    with `sampled`, the batch's inputs themselves instead of its XᵀX."""
     terms = {}
     if batch < stats_batches:
         terms.update(sum=X.sum(0).double(), sq=X.square().sum(0).double(), abs=X.abs().sum(0).double(),
                      tokens=torch.tensor(X.shape[0], device=X.device))
     if batch < hessian_batches:
-        terms.update(H=X.T @ X, h_tokens=torch.tensor(X.shape[0], device=X.device))
+        terms.update(X=_exact_narrow(X)) if sampled else terms.update(H=X.T @ X)
+        terms.update(h_tokens=torch.tensor(X.shape[0], device=X.device))
     return terms
 
 
 def _moments(sums: dict[str, torch.Tensor], n_in: int, device: torch.device) -> InputStats:
     n = max(int(sums["tokens"]), 1) if "tokens" in sums else 1
     zero = torch.zeros(n_in, dtype=torch.float64, device=device)
+    moments = ((sums.get("sum", zero) / n).float(), (sums.get("sq", zero) / n).float(),
+               (sums.get("abs", zero) / n).float())
+    if "X" in sums:
+        return InputStats(*moments, X=sums["X"])
     H = sums["H"] / max(int(sums["h_tokens"]), 1) if "H" in sums else \
         torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
-    return InputStats((sums.get("sum", zero) / n).float(), (sums.get("sq", zero) / n).float(),
-                      (sums.get("abs", zero) / n).float(), H)
+    return InputStats(*moments, H)
 
 
 def collect_stats(layer: LayerData, names: list[str], hessian_batches: int,
-                  stats_batches: int | None = None) -> dict[str, InputStats]:
+                  stats_batches: int | None = None, full_hessian: bool = True) -> dict[str, InputStats]:
     """One pass over the calibration batches: moments of each named linear's input.
 
     Moments use the first `stats_batches` batches (all when None), H the first `hessian_batches`;
     sums run in batch order, so processes sharing the batches get one process's figures exactly.
+    Unless `full_hessian` (the caller reads every H), inputs with more channels than those batches
+    have tokens keep the tokens' inputs instead of H (smaller; see `InputStats`).
     """
     limit = layer.n_batches if stats_batches is None else stats_batches
     if limit < layer.n_batches:
         layer = search_view(layer, max(limit, hessian_batches))
-    sums = layer.batch_sums(names, lambda _n, X, j: _moment_terms(X, j, limit, hessian_batches))
+    linear = layer.module.get_submodule
+    h_tokens = sum(layer.batch_tokens[:hessian_batches])
+    sampled = set() if full_hessian else {n for n in names if h_tokens < linear(n).in_features}
+    sums = layer.batch_sums(names, lambda n, X, j: _moment_terms(X, j, limit, hessian_batches, n in sampled),
+                            stacked=("X",))
     missing = [n for n in names if n not in sums]
     if missing:
         raise LowbitError(f"layer {layer.index}: no calibration input reached {', '.join(missing)}; "
                           "the architecture table's balance groups do not match the model")
-    linear = layer.module.get_submodule
     return {n: _moments(s, linear(n).in_features, linear(n).weight.device) for n, s in sums.items()}
 
 
@@ -410,16 +470,16 @@ Objective = Callable[[dict[str, Callable[[], torch.Tensor]]], float]  # {linear:
 
 
 def block_objective(view: LayerData, state: ScaledLayer, group: BalanceGroup,
-                    H: torch.Tensor, originals: dict[str, torch.Tensor]) -> Objective:
+                    X: InputStats, originals: dict[str, torch.Tensor]) -> Objective:
     """loss({linear: () -> W_r in work space}) = MSE of the group's block output. The weights come
     as functions so that only one linear's float32 candidate exists at a time (235 MB for an 8B MLP).
 
-    A block that is one linear needs no forward pass: its output MSE is exactly E[(ΔW x)²], from H
-    (E[x xᵀ] of its live input, on the same tokens). Other blocks are run on `view`'s batches.
+    A block that is one linear needs no forward pass: its output MSE is exactly E[(ΔW x)²], from X
+    (the moments of its live input, on the same tokens). Other blocks are run on `view`'s batches.
     """
     if single_linear(group):
         n = group.block
-        return lambda W_r: output_error(state.live_(n, W_r[n]()).sub_(originals[n]), H)
+        return lambda W_r: X.output_error(state.live_(n, W_r[n]()).sub_(originals[n]))
     ref = view.run_block(group.block)
     total = sum(r.numel() for r in ref)
 
@@ -481,6 +541,8 @@ class AWQ(Method):
     name = "awq"
     defaults = {"n_grid": 20, "salience": "l2", "duo_scaling": False, "clip": True, "clip_grid": 20,
                 "max_shrink": 0.5, "search_tokens": 8192, "importance": True}
+    # whether some step reads all of E[x xᵀ] (`InputStats.H`); AWQ's read only output errors and diagonal blocks
+    full_hessian = False
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -533,7 +595,7 @@ class AWQ(Method):
         keys = input_keys(layer)
         reps = list(dict.fromkeys(keys.values()))
         stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
-        stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b)
+        stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b, self.full_hessian)
         view = candidate_view(layer, batches_for(layer, self.options["search_tokens"]))
         plan = LayerPlan(ScaledLayer.of(layer, consume=True), stats, keys, {})
         # a one-linear block's objective compares with that linear's original weights (layer.weights),
@@ -565,8 +627,7 @@ class AWQ(Method):
         if self.options["duo_scaling"]:
             w_mean = group_weight_mean([plan.state.weights[n] for n in group.linears],
                                        [grids[n] for n in group.linears])
-        loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]].H,
-                                  layer.weights)
+        loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]], layer.weights)
 
         def loss_at(i: int) -> float:
             s = awq_scales(x, i / self.options["n_grid"], w_mean)

@@ -30,7 +30,7 @@ from ..formats.map import Formats, per_linear
 from ..model.arch import BalanceGroup
 from ..model.layer import LayerData
 from .awq import (AWQ, InputStats, LayerPlan, awq_scales, block_objective, clip_ratios, clip_search, clippable,
-                  flip_candidates, group_weight_mean, one_cpu_thread, output_error)
+                  flip_candidates, group_weight_mean, one_cpu_thread)
 
 
 # -- pure math ------------------------------------------------------------------------------------
@@ -97,6 +97,7 @@ class AWQJoint(AWQ):
     name = "awq-joint"
     defaults = {**AWQ.defaults, "search_tokens": 4096, "hessian_tokens": 16384, "top_k": 2, "screen_rows": 256,
                 "cd_sweeps": 2, "damp": 0.01, "rounding": "cd"}
+    full_hessian = True  # coordinate-descent rounding reads all of H
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -161,8 +162,7 @@ class AWQJoint(AWQ):
         group's block objective; the best is kept (its codes too, see `encode`)."""
         fmts = per_linear(fmt, group.linears)
         X = plan.inputs(group.linears[0])
-        loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]].H,
-                                  layer.weights)
+        loss_of = block_objective(view, plan.state, group, plan.stats[plan.keys[group.linears[0]]], layer.weights)
         with one_cpu_thread(X.mean.device):
             screened = self.screen(layer, plan, group, fmt)[: self.options["top_k"]]
         candidates = [(-1.0, torch.ones_like(X.mean)), *((alpha, s) for _, alpha, s in screened)]
@@ -221,7 +221,7 @@ class AWQJoint(AWQ):
                 quantized[n] = kept[0]
             else:
                 quantized[n] = self.fit_codes({n: W}, X, fmts[n])[n]
-            errors[n] = output_error(quantized[n].dequantize() - W, X.H)
+            errors[n] = X.output_error(quantized[n].dequantize() - W)
         return quantized, {"output_mse": errors}
 
 

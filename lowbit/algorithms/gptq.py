@@ -533,6 +533,8 @@ def input_sets(layer) -> list[list[str]]:
 class _AWQScales(AWQ):
     """AWQ's scale search, with H gathered over every calibration token (GPTQ solves with it)."""
 
+    full_hessian = True
+
     def hessian_tokens(self) -> int:
         return 0
 

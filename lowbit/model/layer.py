@@ -167,28 +167,38 @@ class LayerData:
         return broadcast(self.dist, shared, 0) if self.dist is not None else shared
 
     @torch.no_grad()
-    def batch_sums(self, names: Sequence[str], contrib: Callable[[str, torch.Tensor, int], dict[str, torch.Tensor]]
-                   ) -> dict[str, dict[str, torch.Tensor]]:
+    def batch_sums(self, names: Sequence[str], contrib: Callable[[str, torch.Tensor, int], dict[str, torch.Tensor]],
+                   stacked: Sequence[str] = ()) -> dict[str, dict[str, torch.Tensor]]:
         """Σ_j contrib(name, X_j [tokens, in], j) -> {key: sum} for the named linears, over calibration batches j.
 
         Each key's terms are added in batch order into zeros, whichever process ran batch j, so the sums
-        are bit for bit those of one process holding every batch. Linears sharing an input (q, k, v)
-        appear once, under the first name (see `accumulate`).
+        are bit for bit those of one process holding every batch; the terms of `stacked` keys are
+        concatenated along dim 0 in batch order instead. Linears sharing an input (q, k, v) appear once,
+        under the first name (see `accumulate`).
         """
         sums: dict[str, dict[str, torch.Tensor]] = {}
+        rows: dict[str, dict[str, list[torch.Tensor]]] = {}
 
         def add(found: dict[str, dict[str, torch.Tensor]]) -> None:
             for n, c in found.items():
                 acc = sums.setdefault(n, {})  # a linear the batches reached, even with no terms
                 for k, v in c.items():
+                    if k in stacked:
+                        rows.setdefault(n, {}).setdefault(k, []).append(v)
+                        continue
                     if k not in acc:
                         acc[k] = torch.zeros_like(v)
                     acc[k] += v
 
+        def stack() -> dict[str, dict[str, torch.Tensor]]:
+            for n, parts in rows.items():
+                sums[n].update({k: torch.cat(p) for k, p in parts.items()})
+            return sums
+
         dist = self.dist
         if dist is None or dist.world == 1:
             self._stream(names, lambda n, X, j: add({n: contrib(n, X, j)}), self.batches, self.split.ids)
-            return sums
+            return stack()
         local = dict(zip(self.split.ids, self.batches))
         for start in range(0, self.n_batches, dist.world):  # a round: batch start + r runs on rank r
             found: dict[str, dict[str, torch.Tensor]] = {}
@@ -197,7 +207,7 @@ class LayerData:
                 self._stream(names, lambda n, X, j: found.__setitem__(n, contrib(n, X, j)), [local[j]], [j])
             for src in range(min(dist.world, self.n_batches - start)):
                 add(broadcast(dist, found if src == dist.rank else None, src))
-        return sums
+        return stack()
 
     def _stream(self, names: Sequence[str], fn: Callable[[str, torch.Tensor, int], Any],
                 batches: Sequence[Batch], ids: Sequence[int]) -> dict[str, str]:
