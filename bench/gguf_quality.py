@@ -116,8 +116,11 @@ def bench_model(name: str, args, bin_dir: Path, work: Path) -> str:
         method, t = entry.split(":")
         out_dir = work / f"lowbit-{method}-{t}"
         if not (args.reuse and (out_dir / "model.gguf").is_file()):
+            # --reuse also continues a killed run of this entry rather than starting it over
+            unfinished = args.reuse and out_dir.with_name(out_dir.name + ".partial").is_dir()
             timed(f"lowbit {method} {t}", lambda: lowbit(
-                "quantize", "--model-path", str(model), "--output-dir", str(out_dir), "--overwrite",
+                "quantize", "--model-path", str(model), "--output-dir", str(out_dir),
+                "--resume" if unfinished else "--overwrite",
                 "--method", method, "--weight-format", f"gguf:{t}", "--format", "gguf",
                 "--n-calib", str(args.n_calib)))
         files.append((f"lowbit {method}", t, out_dir / "model.gguf"))
@@ -192,7 +195,8 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)")
-    ap.add_argument("--reuse", action="store_true", help="with --keep: reuse files and scores already there")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --keep: reuse files and scores already there, continue unfinished lowbit runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from lowbit.tools.llamacpp import ensure_llama_cpp

@@ -342,7 +342,7 @@ def _quantize_one_layer(model: StreamedModel, method: Method, fmt: FormatMap, ba
     else:
         names = model.linear_names(i)
         data = LayerData(i, module, model.family, batches, names, run=lambda b, i=i: model.run_layer(i, b),
-                         split=split)
+                         split=split, disposable=True)  # `_apply` below puts its weights back
         for n, W in data.weights.items():
             _checked(W, f"{path}.{n}.weight")
         shapes = {n: tuple(W.shape) for n, W in data.weights.items()}

@@ -142,6 +142,23 @@ def test_folding_in_place_plans_like_copying(method, mha_models, monkeypatch):
         assert torch.equal(a.updates[k], b.updates[k]), k
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_a_disposable_layer_frees_its_weights_once_planned(method, tiny_models):
+    """The pipeline's layers are disposable: after the searches the module's weights are dropped
+    (AWQ works from its folded copies then), and the codes are exactly those of a kept layer."""
+    model, per_layer = _streamed(tiny_models["llama"])
+    kept = make_method(method, {"n_grid": 5}).quantize_layer(_layer(model, per_layer), FMT)
+    module = model.layers[0]
+    layer = LayerData(0, module, model.family, per_layer[0], model.linear_names(0),
+                      run=lambda b: model.run_layer(0, b), disposable=True)
+    freed = make_method(method, {"n_grid": 5}).quantize_layer(layer, FMT)
+    for n in model.linear_names(0):
+        assert module.get_submodule(n).weight.numel() == 0, n
+        assert layer.weights[n].is_meta and layer.weights[n].shape == kept.quantized[n].W_q.shape
+        assert torch.equal(freed.quantized[n].W_q, kept.quantized[n].W_q), n
+        assert torch.equal(freed.quantized[n].qparams.scale, kept.quantized[n].qparams.scale), n
+
+
 def test_sampled_inputs_give_the_moments_of_h():
     """Second moments kept as the tokens' inputs X (fewer tokens than channels) answer as H does."""
     g = torch.Generator().manual_seed(0)

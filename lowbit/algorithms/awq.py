@@ -564,12 +564,11 @@ class AWQ(Method):
     def rounded(self, W: torch.Tensor, s: torch.Tensor, grid: Format, Xs: InputStats, name: str) -> torch.Tensor:
         """Q(W·s)/s [out, in] on `grid` with this method's rounding, a slice of rows at a time: rows
         round independently, and whole-matrix temporaries of an 8B MLP weight are 235 MB each."""
-        W_s = W * s
-        grid = grid.for_tensor(W_s)
-        out = torch.empty_like(W_s)
+        grid = grid.for_tensor(W * s)  # a temporary: the slices are scaled one at a time below
+        out = torch.empty_like(W)
         rows = max(1, ROW_CHUNK // W.shape[1])
         for i in range(0, W.shape[0], rows):
-            part = W_s[i:i + rows]
+            part = W[i:i + rows] * s
             out[i:i + rows] = self.round(part, grid.encode(part), Xs, name).dequantize().div_(s)
         return out
 
@@ -583,6 +582,7 @@ class AWQ(Method):
     def quantize_layer(self, layer: LayerData, fmt: Formats) -> LayerResult:
         fmt = per_linear(fmt, layer.weights)
         plan = self.plan(layer, fmt)
+        layer.release_weights()  # the searches were the last to run the layer: the plan holds the rest
         quantized, stats = self.encode(layer, plan, fmt)
         return LayerResult(quantized, plan.state.updates, {"groups": plan.info, **stats})
 

@@ -563,6 +563,7 @@ class AWQGPTQ(Method):
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
         fmt = per_linear(fmt, layer.weights)
         plan = self.awq.plan(layer, fmt)
+        layer.release_weights()  # from here on the plan's weights and moments are all that is read
         hessians: dict[str, torch.Tensor] = {}
         shared: dict[str, str] = {}
         for n in plan.state.weights:

@@ -93,17 +93,18 @@ class Format(ABC):
     def dequantize_elementwise(self, W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Exact inverse of `quantize_elementwise` on the grid points (float32)."""
 
+    # Both work on the [out, n_groups, group_len] view with the group parameters broadcast, not
+    # expanded: for an 8B MLP weight each expanded copy would be another 235 MB.
     def quantize(self, W: torch.Tensor, qparams: QParams) -> torch.Tensor:
         """W [out, in] -> codes W_q [out, in] on the grid `qparams` describes."""
-        gl = self.group_length(W.shape[1])
-        return self.quantize_elementwise(W.float(), expand_groups(qparams.scale, gl),
-                                         expand_groups(qparams.zero, gl))
+        codes = self.quantize_elementwise(self.grouped(W.float()), qparams.scale[..., None], qparams.zero[..., None])
+        return codes.reshape(W.shape)
 
     def dequantize(self, W_q: torch.Tensor, qparams: QParams) -> torch.Tensor:
         """Codes W_q [out, in] -> W_r [out, in] (float32)."""
-        gl = self.group_length(W_q.shape[1])
-        return self.dequantize_elementwise(W_q, expand_groups(qparams.scale.float(), gl),
-                                           expand_groups(qparams.zero.float(), gl))
+        W_r = self.dequantize_elementwise(self.grouped(W_q), qparams.scale.float()[..., None],
+                                          qparams.zero.float()[..., None])
+        return W_r.reshape(W_q.shape)
 
     @abstractmethod
     def bits_per_weight(self, in_features: int) -> float:

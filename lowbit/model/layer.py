@@ -76,6 +76,16 @@ def _input_hooks(module: nn.Module, names: Iterable[str], sink: dict[str, list[t
             h.remove()
 
 
+# Tokens per call when a block is run on one tensor: the sequences of a calibration batch are
+# independent, and an 8B MLP's intermediates are 235 MB each for a batch of 8 × 512 tokens.
+BLOCK_TOKENS = 1024
+
+
+def _one_tensor(args: tuple, kwargs: dict) -> bool:
+    """Whether a block call is on one tensor [batch, ..., features] alone, so sequences split freely."""
+    return not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2
+
+
 class LayerData:
     """One decoder layer (or lm_head) ready to be quantized.
 
@@ -85,8 +95,10 @@ class LayerData:
     """
 
     def __init__(self, index: int | str, module: nn.Module, family: Family, batches: Sequence[Batch],
-                 linear_names: Sequence[str], run: Callable[[Batch], object], split: BatchSplit | None = None):
+                 linear_names: Sequence[str], run: Callable[[Batch], object], split: BatchSplit | None = None,
+                 disposable: bool = False):
         self.index = index
+        self.disposable = disposable  # see `release_weights`
         self.family = family
         self.module = module
         self.batches = batches  # this process's share (all of them in a single process)
@@ -265,15 +277,37 @@ class LayerData:
         Under torch.distributed each process runs its batches and all get every output, in batch order.
         """
         module = self.module.get_submodule(block)
+
+        def call(args, kwargs) -> torch.Tensor:
+            y = module(*args, **kwargs)
+            return (y[0] if isinstance(y, tuple) else y).float()
+
         with replaced_weights(self.module, weights or {}):
             outs = []
             for args, kwargs in self.block_inputs(block):
-                y = module(*args, **kwargs)
-                outs.append((y[0] if isinstance(y, tuple) else y).float())
+                if _one_tensor(args, kwargs):  # e.g. an MLP: run a few sequences at a time (see BLOCK_TOKENS)
+                    x = args[0]
+                    rows = max(1, BLOCK_TOKENS * x.shape[0] // max(1, x[..., 0].numel()))
+                    outs.append(torch.cat([call((part,), {}) for part in x.split(rows)]))
+                else:
+                    outs.append(call(args, kwargs))
         if self.dist is None:
             return outs
         mine = dict(zip(self.split.ids, outs))
         return [broadcast(self.dist, mine.get(j), self.dist.owner(j)) for j in range(self.n_batches)]
+
+    def release_weights(self) -> None:
+        """Called by a method that from here on works only from its own copies of the weights and from
+        statistics. If the layer is `disposable` (the pipeline's: it puts the quantized weights back),
+        the module's and `weights`' references to the linears' weights are dropped, so that what no
+        copy shares is freed (after AWQ folded its scales into copies: most of an 8B layer's 0.87 GB);
+        `weights` keeps each shape, on the meta device, and the module cannot run until then."""
+        if not self.disposable:
+            return
+        for n, W in self.weights.items():
+            p = self.module.get_submodule(n).weight
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            self.weights[n] = torch.empty(W.shape, dtype=W.dtype, device="meta")
 
     def param(self, name: str) -> torch.Tensor:
         """A non-linear parameter of the layer (e.g. a norm weight), float32 copy."""
