@@ -154,6 +154,19 @@ def test_bootstrap_of_identical_windows_collapses_and_is_seeded():
     assert bootstrap_ci(v, 100, seed=3) == bootstrap_ci(v, 100, seed=3) != bootstrap_ci(v, 100, seed=4)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_bootstrap_takes_stats_from_any_device(device):
+    g = torch.Generator().manual_seed(2)
+    lb, lc = torch.randn(40, 7, generator=g), torch.randn(40, 7, generator=g)
+    ids = torch.randint(0, 7, (40,), generator=g)
+    on_cpu = window_sums(token_stats(lb, lc, ids), [10] * 4)
+    on_dev = window_sums(token_stats(lb.to(device), lc.to(device), ids.to(device)), [10] * 4)
+    dev, cpu = bootstrap_ci(on_dev, 50), bootstrap_ci(on_cpu, 50)
+    assert dev.keys() == cpu.keys()
+    assert all(dev[k] == pytest.approx(cpu[k], rel=1e-5) for k in cpu)
+
+
 # -- inspect ------------------------------------------------------------------------------------
 def test_inspect_of_the_source_against_itself_is_exact(tiny_llama):
     errors = inspect_checkpoint(str(tiny_llama), str(tiny_llama))

@@ -37,11 +37,11 @@ class WindowSums:
 
 
 def window_sums(stats: TokenStats, tokens_per_window: list[int]) -> WindowSums:
-    """Split concatenated per-token stats back into windows and sum each one."""
+    """Split concatenated per-token stats (on any device) back into windows and sum each one, on the CPU."""
     assert sum(tokens_per_window) == stats.kld.numel(), "window lengths do not add up to the token count"
 
     def per_window(t: torch.Tensor) -> torch.Tensor:
-        return torch.stack([p.double().sum() for p in t.split(tokens_per_window)])
+        return torch.stack([p.double().sum() for p in t.split(tokens_per_window)]).cpu()
 
     return WindowSums(
         tokens=torch.tensor(tokens_per_window, dtype=torch.float64),
