@@ -1,6 +1,7 @@
 """Helpers shared by the bench scripts: run lowbit in a subprocess, collect its figures, print tables."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -167,3 +168,21 @@ def quality_table(model: str, group_size: int, entries: list[str], n_calib: int,
     return head + table(rows, [("method", "{}"), ("wall_s", "{:.0f}"), ("peak_rss_gib", "{:.2f}"),
                                ("kld_mean", "{:.4f}"), ("kld_ci", "{}"), ("kld_ratio", "{:.2f}x"),
                                ("kld_p99", "{:.3f}"), ("top1", "{:.2%}"), ("ppl", "{:.3f}"), ("ppl_base", "{:.3f}")])
+
+
+def quality_main(entries: list[str], models: tuple[str, ...] = ("smollm2-135m:64", "qwen2.5-0.5b:128")) -> None:
+    """The command line of bench/awq.py, gptq.py and methods.py: one `quality_table` per model,
+    printed in one run (each model's outputs under --keep/<model>...)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(models), metavar="NAME[:GROUP]",
+                    help="models and their group sizes (default group 64)")
+    ap.add_argument("--entries", nargs="+", default=entries, help="lowbit methods (with flags) or peer names")
+    ap.add_argument("--n-calib", type=int, default=128)
+    ap.add_argument("--n-windows", type=int, default=40)
+    ap.add_argument("--keep", type=Path, default=None, help="keep the outputs here")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: score outputs already there again")
+    args = ap.parse_args()
+    for spec in args.models:
+        name, _, group = spec.partition(":")
+        print(quality_table(name, int(group or 64), args.entries, args.n_calib, args.n_windows, args.keep,
+                            args.reuse), flush=True)
