@@ -5,11 +5,12 @@ transformers model whose quantized linears are `QuantLinear`: the weights stay p
 kernel multiplies on CUDA, and CPU dequantizes on the fly.
 
 `Decoder` is a batch-1 greedy decode path for Llama-family models whose time is the weights':
-a static KV cache, the step fused into ~10 launches per layer (q|k|v and gate|up as one matmul
-each, residual adds folded into the o/down matmuls, Triton RMSNorm, RoPE + cache write,
-attention and SiLU·mul), captured once as a CUDA graph and replayed per token. transformers'
-own loop launches ~45 small kernels per layer per token from Python, which at batch 1 costs
-more than reading the weights.
+a static KV cache, the step fused into 5 launches per layer for W4 weights (q|k|v and gate|up
+as one matmul each; the RMSNorms and SiLU·up computed by the W4 kernel as it loads its input;
+residual adds folded into the o/down matmuls; RoPE, the cache write and attention in one
+kernel), 8 for float weights (separate RMSNorm and SiLU·mul kernels around cuBLAS), captured
+once as a CUDA graph and replayed per token. transformers' own loop launches ~45 small kernels
+per layer per token from Python, which at batch 1 costs more than reading the weights.
 """
 from __future__ import annotations
 
@@ -148,11 +149,21 @@ def _fuse(linears: list[nn.Module]) -> nn.Module:
     return fused
 
 
-def _add_linear(lin: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out += lin(x), in one kernel where the backend allows."""
+def _norm_linear(lin: nn.Module, h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """lin(rms_norm(h) · w): one kernel for a QuantLinear (it normalizes as it loads h), two otherwise."""
     if isinstance(lin, QuantLinear):
-        lin(x, accumulate_into=out)
+        return lin(h, norm=(w, eps))
+    return lin(decode_ops.rms_norm(h, w, eps))
+
+
+def _add_linear(lin: nn.Module, x: torch.Tensor, out: torch.Tensor, glu: bool = False) -> None:
+    """out += lin(x), or out += lin(silu(gate) · up) of x = gate|up with glu, in one kernel where the
+    backend allows."""
+    if isinstance(lin, QuantLinear):
+        lin(x, accumulate_into=out, glu=glu)
         return
+    if glu:
+        x = decode_ops.silu_mul(x)
     out.addmm_(x, lin.weight.t())
     if lin.bias is not None:
         out.add_(lin.bias)
@@ -234,13 +245,11 @@ class Decoder:
         """One token: reads tok at position pos, writes the argmax into tok and tokens[pos+1], pos += 1."""
         h = F.embedding(self.tok, self.embed)  # [1, H]
         for i, L in enumerate(self.layers):
-            x = decode_ops.rms_norm(h, L.ln1, self.eps)
-            q = decode_ops.rope_kv(L.qkv(x), self.cos, self.sin, self.pos, self.k_cache[i], self.v_cache[i],
-                                   self.hq, self.hkv)
-            _add_linear(L.o, decode_ops.attention(q, self.k_cache[i], self.v_cache[i], self.pos, self.scale), h)
-            x = decode_ops.rms_norm(h, L.ln2, self.eps)
-            _add_linear(L.down, decode_ops.silu_mul(L.gate_up(x)), h)
-        self.logits = self.lm_head(decode_ops.rms_norm(h, self.norm, self.eps))  # [1, V]
+            attn = decode_ops.rope_attention(_norm_linear(L.qkv, h, L.ln1, self.eps), self.cos, self.sin, self.pos,
+                                             self.k_cache[i], self.v_cache[i], self.hq, self.hkv, self.scale)
+            _add_linear(L.o, attn, h)
+            _add_linear(L.down, _norm_linear(L.gate_up, h, L.ln2, self.eps), h, glu=True)
+        self.logits = _norm_linear(self.lm_head, h, self.norm, self.eps)  # [1, V]
         nxt = self.logits.argmax(-1)
         self.tokens.index_copy_(0, self.pos + 1, nxt)
         self.tok.copy_(nxt)

@@ -153,17 +153,27 @@ def test_decoder_matches_transformers_greedy_cpu(quantized, tiny_llama, tmp_path
 
 # ---- GPU: the Triton kernels -------------------------------------------------------------------
 
-def _check_kernel(M, N, K, gs, sym, dtype, configs=None, accumulate=False):
+def _check_kernel(M, N, K, gs, sym, dtype, configs=None, accumulate=False, pro=None):
+    """Every configuration (or `configs`) against dequantize-then-matmul in float64; pro: the X
+    prologue, None, "norm" (rms_norm(x) · γ) or "glu" (silu(gate) · up of x = gate|up)."""
     from lowbit.kernels.triton_w4a16 import candidates, launch, _sm_count
     dev = torch.device("cuda")
     qw, s, z, _ = random_packed(N, K, gs, sym, dtype, dev)
-    x = torch.randn(M, K, device=dev).to(dtype)
-    want = x.double() @ reference.dequantize(qw, s, z, K, torch.float64).t()
+    x = torch.randn(M, 2 * K if pro == "glu" else K, device=dev).to(dtype)
+    X, norm = x.double(), None
+    if pro == "norm":
+        gamma = (torch.rand(K, device=dev) + 0.5).to(dtype)
+        norm = (gamma, 1e-5)
+        X = X * torch.rsqrt(X.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+    elif pro == "glu":
+        X = torch.nn.functional.silu(X[:, :K]) * X[:, K:]
+    want = X @ reference.dequantize(qw, s, z, K, torch.float64).t()
     tol = 4e-3 if dtype == torch.float16 else 2e-2
-    for cfg in configs or candidates(M, N, K, _sm_count(dev)):
+    cands = [c for c in candidates(M, N, K, _sm_count(dev)) if not (pro == "norm" and c.atomic)]
+    for cfg in configs or cands:
         base = torch.randn(M, N, device=dev).to(dtype) if accumulate else None
         out = base.clone() if accumulate else torch.full((M, N), float("nan"), dtype=dtype, device=dev)
-        launch(cfg, x, qw, s, z, out, K, accumulate)
+        launch(cfg, x, qw, s, z, out, K, accumulate, norm=norm, glu=pro == "glu")
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), f"{cfg}: unwritten or non-finite output"
         got = out.double() - (base.double() if accumulate else 0)
@@ -197,6 +207,15 @@ def test_kernel_accumulate(M):  # the decoder adds o_proj/down_proj outputs into
 
 
 @needs_gpu
+@pytest.mark.parametrize("pro", ["norm", "glu"])
+@pytest.mark.parametrize("M", [1, 5, 33])
+def test_kernel_prologues(pro, M):  # the decoder's RMSNorm and SiLU·up, computed as the kernel loads X
+    """Every candidate (split-K ones included: K = 960 is 7.5 spans), accumulating as the decoder does."""
+    _check_kernel(M, 1001, 960, 64, False, torch.float16, accumulate=True, pro=pro)
+    _check_kernel(M, 300, 640, 32, True, torch.bfloat16, pro=pro)
+
+
+@needs_gpu
 def test_quantlinear_gpu_tuned_path_and_odd_batch():
     lin = nn.Linear(640, 300, bias=True, device="cuda", dtype=torch.float16)
     ql = QuantLinear.from_linear(lin, IntFormat(4, 64, scale_dtype=torch.float16))
@@ -210,20 +229,30 @@ def test_quantlinear_gpu_tuned_path_and_odd_batch():
 def test_decode_ops_triton_equal_torch():
     dev, dt = torch.device("cuda"), torch.float16
     hq, hkv, D, L = 8, 2, 64, 96
-    pos = torch.tensor([37], device=dev)
     x, w = torch.randn(1, 512, device=dev, dtype=dt), torch.randn(512, device=dev, dtype=dt)
     assert rel_err(decode_ops.rms_norm(x, w, 1e-5), decode_ops.rms_norm(x.float(), w.float(), 1e-5)) < 2e-3
     gu = torch.randn(1, 2 * 700, device=dev, dtype=dt)
     assert rel_err(decode_ops.silu_mul(gu), decode_ops.silu_mul(gu.float())) < 2e-3
     qkv = torch.randn(1, (hq + 2 * hkv) * D, device=dev, dtype=dt)
     ang = torch.rand(L, D // 2, device=dev) * 6
-    kc, vc = torch.randn(hkv, L, D, device=dev, dtype=dt), torch.randn(hkv, L, D, device=dev, dtype=dt)
-    kf, vf = kc.float(), vc.float()
-    q = decode_ops.rope_kv(qkv, ang.cos(), ang.sin(), pos, kc, vc, hq, hkv)
-    qf = decode_ops.rope_kv(qkv.float(), ang.cos(), ang.sin(), pos, kf, vf, hq, hkv)
-    assert rel_err(q, qf) < 2e-3 and rel_err(kc, kf) < 2e-3 and rel_err(vc, vf) < 2e-3
-    o = decode_ops.attention(q, kc, vc, pos, D ** -0.5)
-    assert rel_err(o, decode_ops.attention(qf, kf, vf, pos, D ** -0.5)) < 3e-3
+    for p in (0, 37, L - 1):  # an empty cache before pos, one tile and a half, a full cache
+        at = torch.tensor([p], device=dev)
+        kc, vc = torch.randn(hkv, L, D, device=dev, dtype=dt), torch.randn(hkv, L, D, device=dev, dtype=dt)
+        kf, vf = kc.float(), vc.float()
+        o = decode_ops.rope_attention(qkv, ang.cos(), ang.sin(), at, kc, vc, hq, hkv, D ** -0.5)
+        of = decode_ops.rope_attention(qkv.float(), ang.cos(), ang.sin(), at, kf, vf, hq, hkv, D ** -0.5)
+        assert rel_err(o, of) < 3e-3 and rel_err(kc, kf) < 2e-3 and rel_err(vc, vf) < 2e-3
+
+
+def test_quantlinear_prologues_cpu():
+    """The norm / glu inputs of QuantLinear (fused into the kernel on CUDA) on the CPU fallback."""
+    lin = nn.Linear(128, 48)
+    ql = QuantLinear.from_linear(lin, IntFormat(4, 32))
+    h, w = torch.randn(3, 128), torch.rand(128) + 0.5
+    want = ql(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w)
+    torch.testing.assert_close(ql(h, norm=(w, 1e-5)), want)
+    gu = torch.randn(3, 256)
+    torch.testing.assert_close(ql(gu, glu=True), ql(nn.functional.silu(gu[:, :128]) * gu[:, 128:]))
 
 
 @needs_gpu

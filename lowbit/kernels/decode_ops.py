@@ -1,6 +1,8 @@
-"""The non-matmul operations of a one-token Llama decode step, each Triton on CUDA or PyTorch elsewhere.
+"""The non-matmul operations of a one-token Llama decode step, Triton on CUDA or PyTorch elsewhere.
 
-Both versions read the position from a device tensor and never synchronize, so a step made of
+On CUDA the step runs `rms_norm` and `silu_mul` (float weights only: the W4 kernel computes them
+itself as it loads its input) and `rope_attention`; `rope_kv` and `attention` are its PyTorch
+parts. Both versions read the position from a device tensor and never synchronize, so a step made of
 them can be captured once in a CUDA graph and replayed per token.
 
 Shapes (batch 1): x, h [1, H]; qkv [1, (HQ + 2·HKV)·D] as q_proj|k_proj|v_proj; cos, sin float32
@@ -30,9 +32,6 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq: int, hkv: int) -> torch.Tensor:
     """Rotate q and k at position `pos`, write k and v into the caches there; returns q [HQ, D]."""
-    if _fast(qkv):
-        from . import triton_decode
-        return triton_decode.rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq, hkv)
     D = k_cache.shape[2]
     heads = qkv.view(hq + 2 * hkv, D)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # [1, D/2]
@@ -45,9 +44,6 @@ def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq: int, hkv: int) -> torch.Te
 
 def attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
     """Softmax attention of q over cache positions 0..pos (grouped-query heads) -> [1, HQ·D]."""
-    if _fast(q):
-        from . import triton_decode
-        return triton_decode.attention(q, k_cache, v_cache, pos, scale)
     hq, D = q.shape
     hkv, L = k_cache.shape[0], k_cache.shape[1]
     k = k_cache.repeat_interleave(hq // hkv, 0).float()  # [HQ, L, D]
@@ -58,9 +54,17 @@ def attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
     return o.to(q.dtype).reshape(1, hq * D)
 
 
+def rope_attention(qkv, cos, sin, pos, k_cache, v_cache, hq: int, hkv: int, scale: float) -> torch.Tensor:
+    """`rope_kv` then `attention`, one launch on CUDA -> [1, HQ·D]."""
+    if _fast(qkv):
+        from . import triton_decode
+        return triton_decode.rope_attention(qkv, cos, sin, pos, k_cache, v_cache, hq, hkv, scale)
+    return attention(rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq, hkv), k_cache, v_cache, pos, scale)
+
+
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up for gu = gate|up -> [1, I]."""
-    if _fast(gu):
+    if _fast(gu) and gu.shape[0] == 1:
         from . import triton_decode
         return triton_decode.silu_mul(gu)
     g, u = gu.chunk(2, dim=-1)

@@ -107,16 +107,27 @@ class QuantLinear(nn.Module):
         """W_r [out, in]."""
         return reference.dequantize(self.qweight, self.scales, self.zeros, self.in_features, dtype)
 
-    def forward(self, x: torch.Tensor, accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., in] -> [..., out]; with `accumulate_into` ([..., out], x's dtype) adds into it in place."""
+    def forward(self, x: torch.Tensor, accumulate_into: torch.Tensor | None = None,
+                norm: tuple[torch.Tensor, float] | None = None, glu: bool = False) -> torch.Tensor:
+        """x [..., in] -> [..., out]; with `accumulate_into` ([..., out], x's dtype) adds into it in place.
+
+        Inputs the kernel prepares itself as it loads them (one launch fewer each in a decode step):
+        norm = (γ [in], eps) multiplies rms_norm(x) · γ; glu takes x [..., 2·in] = gate|up and
+        multiplies silu(gate) · up.
+        """
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, x.shape[-1])
         acc2 = None if accumulate_into is None else accumulate_into.view(-1, self.out_features)
         if self.uses_kernel(x2):
             from .triton_w4a16 import w4a16_matmul
             y = w4a16_matmul(x2.contiguous(), self.qweight, self.scales, self.zeros, self.in_features,
-                             out=acc2, accumulate=acc2 is not None, qparams=self._qparams(x2))
+                             out=acc2, accumulate=acc2 is not None, qparams=self._qparams(x2), norm=norm, glu=glu)
         else:
+            from . import decode_ops
+            if norm is not None:
+                x2 = decode_ops.rms_norm(x2, *norm)
+            if glu:
+                x2 = decode_ops.silu_mul(x2)
             y = reference.matmul(x2, self.qweight, self.scales, self.zeros, self.in_features)
             if acc2 is not None:
                 y = acc2.add_(y)

@@ -1,4 +1,4 @@
-"""Triton kernels for the one-token decode step: RMSNorm, RoPE + KV-cache write, attention, SiLU·mul.
+"""Triton kernels for the one-token decode step: RMSNorm, RoPE + KV-cache write + attention, SiLU·mul.
 
 Each replaces a handful of small PyTorch kernels by one launch; at batch 1 the step is a chain
 of ~10 launches per layer, so their count, not their arithmetic, is what they save.
@@ -49,79 +49,71 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, L, HQ, HKV,
-                    D: tl.constexpr, HALF_P: tl.constexpr, PDL: tl.constexpr):
+def _rope_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, L, scale, HQ, HKV, GROUP,
+                           D: tl.constexpr, HALF_P: tl.constexpr, BL: tl.constexpr, PDL: tl.constexpr):
+    """RoPE of q and k at pos, k and v written into the caches there, and softmax attention of q over
+    positions 0..pos (grouped-query heads), in one launch. Each q head's program rotates its
+    q and its kv head's new k itself (the group's first program writes k and v into the caches),
+    attends over the positions before pos from the cache and over pos from registers, so no
+    program reads a cache row another is writing."""
     _pdl_start(PDL)
-    h = tl.program_id(0)  # q heads, then k heads (each also copies its v head)
+    h = tl.program_id(0)
+    kh = h // GROUP
     pos = tl.load(pos_ptr)
     HALF: tl.constexpr = D // 2
     offs = tl.arange(0, HALF_P)
-    m = offs < HALF
-    c = tl.load(cos_ptr + pos * HALF + offs, mask=m, other=0.0)
-    s = tl.load(sin_ptr + pos * HALF + offs, mask=m, other=0.0)
-    src = qkv_ptr + h * D
-    x1 = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * c - x2 * s
-    o2 = x2 * c + x1 * s
-    if h < HQ:
-        dst = q_ptr + h * D
-    else:
-        kh = h - HQ
-        dst = k_ptr + (kh * L + pos) * D
-        vsrc = qkv_ptr + (HQ + HKV + kh) * D
-        vdst = v_ptr + (kh * L + pos) * D
-        tl.store(vdst + offs, tl.load(vsrc + offs, mask=m), mask=m)
-        tl.store(vdst + HALF + offs, tl.load(vsrc + HALF + offs, mask=m), mask=m)
-    tl.store(dst + offs, o1.to(q_ptr.dtype.element_ty), mask=m)
-    tl.store(dst + HALF + offs, o2.to(q_ptr.dtype.element_ty), mask=m)
-
-
-def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq: int, hkv: int) -> torch.Tensor:
-    L, D = k_cache.shape[1], k_cache.shape[2]
-    q = torch.empty(hq, D, dtype=qkv.dtype, device=qkv.device)
-    _rope_kv_kernel[(hq + hkv,)](qkv, cos, sin, pos, q, k_cache, v_cache, L, hq, hkv, D=D,
-                                 HALF_P=triton.next_power_of_2(D // 2), num_warps=1, **_pdl(qkv))
-    return q
-
-
-@triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, L, scale, GROUP,
-                      D: tl.constexpr, DP: tl.constexpr, BL: tl.constexpr, PDL: tl.constexpr):
-    _pdl_start(PDL)
-    h = tl.program_id(0)  # one q head; its kv head is h // GROUP
-    kh = h // GROUP
-    pos = tl.load(pos_ptr)
-    offs_d = tl.arange(0, DP)
-    dm = offs_d < D
-    q = tl.load(q_ptr + h * D + offs_d, mask=dm, other=0.0).to(tl.float32) * scale
-    m_i = tl.zeros([], dtype=tl.float32) - float("inf")
-    l_i = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([DP], dtype=tl.float32)
+    dm = offs < HALF
+    c = tl.load(cos_ptr + pos * HALF + offs, mask=dm, other=0.0)
+    s = tl.load(sin_ptr + pos * HALF + offs, mask=dm, other=0.0)
+    DT = o_ptr.dtype.element_ty
+    qs, ks, vs = qkv_ptr + h * D, qkv_ptr + (HQ + kh) * D, qkv_ptr + (HQ + HKV + kh) * D
+    x1 = tl.load(qs + offs, mask=dm, other=0.0).to(tl.float32)
+    x2 = tl.load(qs + HALF + offs, mask=dm, other=0.0).to(tl.float32)
+    q1 = (x1 * c - x2 * s).to(DT).to(tl.float32) * scale  # rounded as the separate kernels store q
+    q2 = (x2 * c + x1 * s).to(DT).to(tl.float32) * scale
+    x1 = tl.load(ks + offs, mask=dm, other=0.0).to(tl.float32)
+    x2 = tl.load(ks + HALF + offs, mask=dm, other=0.0).to(tl.float32)
+    k1 = (x1 * c - x2 * s).to(DT)
+    k2 = (x2 * c + x1 * s).to(DT)
+    v1 = tl.load(vs + offs, mask=dm, other=0.0)
+    v2 = tl.load(vs + HALF + offs, mask=dm, other=0.0)
     k_base = k_ptr + kh * L * D
     v_base = v_ptr + kh * L * D
-    for start in range(0, pos + 1, BL):
+    if h % GROUP == 0:
+        tl.store(k_base + pos * D + offs, k1, mask=dm)
+        tl.store(k_base + pos * D + HALF + offs, k2, mask=dm)
+        tl.store(v_base + pos * D + offs, v1, mask=dm)
+        tl.store(v_base + pos * D + HALF + offs, v2, mask=dm)
+    # position pos first: it starts the online softmax with a finite maximum
+    m_i = tl.sum(k1.to(tl.float32) * q1, 0) + tl.sum(k2.to(tl.float32) * q2, 0)
+    l_i = tl.zeros([], dtype=tl.float32) + 1.0
+    a1, a2 = v1.to(tl.float32), v2.to(tl.float32)
+    for start in range(0, pos, BL):
         offs_l = start + tl.arange(0, BL)
-        lm = offs_l <= pos
-        tile = offs_l[:, None] * D + offs_d[None, :]
-        k = tl.load(k_base + tile, mask=lm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        s = tl.where(lm, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        lm = offs_l < pos
+        t1 = offs_l[:, None] * D + offs[None, :]
+        msk = lm[:, None] & dm[None, :]
+        kt1 = tl.load(k_base + t1, mask=msk, other=0.0).to(tl.float32)
+        kt2 = tl.load(k_base + t1 + HALF, mask=msk, other=0.0).to(tl.float32)
+        sc = tl.where(lm, tl.sum(kt1 * q1[None, :], axis=1) + tl.sum(kt2 * q2[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        v = tl.load(v_base + tile, mask=lm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        p = tl.exp(sc - m_new)
+        vt1 = tl.load(v_base + t1, mask=msk, other=0.0).to(tl.float32)
+        vt2 = tl.load(v_base + t1 + HALF, mask=msk, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        a1 = a1 * alpha + tl.sum(p[:, None] * vt1, axis=0)
+        a2 = a2 * alpha + tl.sum(p[:, None] * vt2, axis=0)
         m_i = m_new
-    tl.store(o_ptr + h * D + offs_d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dm)
+    tl.store(o_ptr + h * D + offs, (a1 / l_i).to(DT), mask=dm)
+    tl.store(o_ptr + h * D + HALF + offs, (a2 / l_i).to(DT), mask=dm)
 
 
-def attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
-    hq, D = q.shape
-    hkv, L = k_cache.shape[0], k_cache.shape[1]
-    o = torch.empty(1, hq * D, dtype=q.dtype, device=q.device)
-    _attention_kernel[(hq,)](q, k_cache, v_cache, o, pos, L, scale, hq // hkv, D=D,
-                             DP=triton.next_power_of_2(D), BL=64, num_warps=4, **_pdl(q))
+def rope_attention(qkv, cos, sin, pos, k_cache, v_cache, hq: int, hkv: int, scale: float) -> torch.Tensor:
+    L, D = k_cache.shape[1], k_cache.shape[2]
+    o = torch.empty(1, hq * D, dtype=qkv.dtype, device=qkv.device)
+    _rope_attention_kernel[(hq,)](qkv, cos, sin, pos, k_cache, v_cache, o, L, scale, hq, hkv, hq // hkv, D=D,
+                                  HALF_P=triton.next_power_of_2(D // 2), BL=64, num_warps=4, **_pdl(qkv))
     return o
 
 

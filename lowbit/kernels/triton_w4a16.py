@@ -154,12 +154,24 @@ def _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS: tl.constex
     return ((q - z[None, :]) * s[None, :]).to(DT)
 
 
+PRO_NONE, PRO_RMS, PRO_GLU = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
 @triton.jit
-def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K, G, split_k, stride_xm, stride_om,
+def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N, K, G, split_k, stride_xm,
+               stride_om, up_off, eps,
                GS: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, NSET: tl.constexpr,
-               EMU: tl.constexpr, PDL: tl.constexpr):
-    """Yᵀ tile [BN, BM] += W_r tile [BN, K share] · Xᵀ [K share, BM], one 128-column span per step."""
+               EMU: tl.constexpr, PDL: tl.constexpr, PRO: tl.constexpr):
+    """Yᵀ tile [BN, BM] += W_r tile [BN, K share] · Xᵀ [K share, BM], one 128-column span per step.
+
+    PRO, what the X load computes first (saving the decode step a launch each):
+    PRO_RMS: X = rms_norm(x) · γ (g_ptr). Since rms is per row, the tile multiplies γ ⊙ x and the
+      accumulator is scaled by 1/rms at the end, from the row's sum of squares gathered along the
+      way (split-K programs leave theirs in ss_ptr [split_k, M] for the tile's last program);
+    PRO_GLU: X = silu(x[:, :K]) · x[:, up_off:up_off+K] (gate|up side by side, as one fused matmul
+      writes them), rounded to X's dtype as the separate SiLU·mul kernel does.
+    """
     DT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -181,6 +193,7 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K, G, split_k,
     if PDL:  # X, the output and the split-K buffers are read only once the previous kernel is done
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BN, BM), dtype=tl.float32)
+    sq = tl.zeros((128, BM), dtype=tl.float32)  # squares of x, summed over K once after the loop
     for t in range(t0, t1):
         base = tl.cast(t, tl.int64) * N * 16
         if EMU:
@@ -243,10 +256,23 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K, G, split_k,
         w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
         w = tl.reshape(tl.permute(w, (4, 3, 2, 0, 1)), (128, BN))
         if EVEN_K:
-            xt = tl.load(x_ptr + x_off + t * 128, mask=m_mask[None, :], other=0.0)
+            x_mask = m_mask[None, :]
         else:
-            xt = tl.load(x_ptr + x_off + t * 128, mask=m_mask[None, :] & (offs_k[:, None] < K - t * 128), other=0.0)
+            x_mask = m_mask[None, :] & (offs_k[:, None] < K - t * 128)
+        xt = tl.load(x_ptr + x_off + t * 128, mask=x_mask, other=0.0)
+        if PRO == PRO_GLU:
+            gf = xt.to(tl.float32)
+            up = tl.load(x_ptr + x_off + t * 128 + up_off, mask=x_mask, other=0.0).to(tl.float32)
+            xt = (gf / (1.0 + tl.exp(-gf)) * up).to(DT)
+        elif PRO == PRO_RMS:
+            xf = xt.to(tl.float32)
+            sq += xf * xf
+            # γ loaded as a [128, BM] tile like X (a 1-D load of 2 bytes per thread would not be
+            # copied ahead by the pipeline: one DRAM round trip per span)
+            gam = tl.load(g_ptr + t * 128 + offs_k[:, None] + 0 * offs_m[None, :], mask=x_mask, other=0.0)
+            xt = (xf * gam.to(tl.float32)).to(DT)
         acc = tl.dot(tl.trans(w), xt, acc)
+    ss = tl.sum(sq, axis=0)  # [BM]
     o_mask = m_mask[None, :] & n_mask[:, None]
     if ATOMIC:  # split-K by atomic adds into an output that is zero (or holds what to add to)
         tl.atomic_add(o_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(o_ptr.dtype.element_ty),
@@ -257,19 +283,28 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K, G, split_k,
         # adds the partials in a fixed order, writes the output once and resets the counter.
         ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.store(ws_tile + pid_k * M * N, acc, mask=o_mask)
+        if PRO == PRO_RMS:  # every N tile stores the same sums: a benign race
+            tl.store(ss_ptr + pid_k * M + offs_m, ss, mask=m_mask)
         tl.debug_barrier()  # every thread's partial is written before the count (release, gpu scope)
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
             tl.debug_barrier()
             acc = tl.zeros((BN, BM), dtype=tl.float32)
+            ss = tl.zeros((BM,), dtype=tl.float32)
             for k in range(0, split_k):
                 acc += tl.load(ws_tile + k * M * N, mask=o_mask, other=0.0, cache_modifier=".cg")
+                if PRO == PRO_RMS:
+                    ss += tl.load(ss_ptr + k * M + offs_m, mask=m_mask, other=0.0, cache_modifier=".cg")
+            if PRO == PRO_RMS:
+                acc = acc * tl.rsqrt(ss / K + eps)[None, :]
             o_ptrs = o_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
             if ACC:
                 acc += tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
             tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=o_mask)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
     else:
+        if PRO == PRO_RMS:
+            acc = acc * tl.rsqrt(ss / K + eps)[None, :]
         o_ptrs = o_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         if ACC:
             acc += tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
@@ -331,22 +366,33 @@ def candidates(M: int, N: int, K: int, sms: int) -> list[Config]:
     return out
 
 
+def _prologue(norm: tuple[torch.Tensor, float] | None, glu: bool) -> int:
+    if norm is not None and glu:
+        raise ValueError("w4a16: a prologue is either an RMSNorm or a SiLU gate, not both")
+    return int(PRO_RMS) if norm is not None else int(PRO_GLU) if glu else int(PRO_NONE)
+
+
 def launch(cfg: Config, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
            zeros: torch.Tensor | None, out: torch.Tensor, in_features: int, accumulate: bool,
-           qparams: torch.Tensor | None = None, pdl: bool | None = None) -> torch.Tensor:
-    """Run one configuration: out (+)= x · W_rᵀ. Shapes: x [M, K], out [M, N], both row-major.
+           qparams: torch.Tensor | None = None, pdl: bool | None = None,
+           norm: tuple[torch.Tensor, float] | None = None, glu: bool = False) -> torch.Tensor:
+    """Run one configuration: out (+)= X · W_rᵀ. Shapes: x [M, K] ([M, 2K] with glu), out [M, N], row-major.
 
+    X is x, or rms_norm(x) · γ with norm = (γ [K], eps), or silu(gate) · up of x = gate|up with glu.
     qparams: `layout.pack_qparams(scales, zeros, x.dtype)`, packed here when not given.
     pdl: launch with programmatic dependent launch (default: `pdl_enabled`).
     """
-    M, K = x.shape
+    M, K = x.shape[0], in_features
     G, N = scales.shape
+    pro = _prologue(norm, glu)
     if qparams is None:
         qparams = pack_qparams(scales, zeros, x.dtype)
     gs = K // G
     split = min(cfg.split_k, -(-K // 128))
     tiles = triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN)
     atomic = cfg.atomic and split > 1
+    if atomic and pro == PRO_RMS:
+        raise ValueError("w4a16: the RMSNorm prologue scales whole rows, which the atomic epilogue cannot")
     if atomic:
         if not accumulate:
             out.zero_()
@@ -358,9 +404,12 @@ def launch(cfg: Config, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         ws = cnt = out  # never read
     nset = 1 if gs % 128 == 0 else 2 if gs % 64 == 0 else 4 if gs % 32 == 0 else 8
     pdl = pdl_enabled(x.device) if pdl is None else pdl
-    _w4_kernel[(tiles, split)](x, qweight, qparams, out, ws, cnt, M, N, K, G, split, x.stride(0), out.stride(0),
+    gamma, eps = norm if norm is not None else (out, 0.0)  # out: never read
+    ss = torch.empty((split, M), dtype=torch.float32, device=x.device) if pro == PRO_RMS and split > 1 else out
+    _w4_kernel[(tiles, split)](x, qweight, qparams, out, ws, cnt, gamma, ss, M, N, K, G, split, x.stride(0),
+                     out.stride(0), K if glu else 0, float(eps),
                      GS=gs, ACC=accumulate, SPLIT=split > 1, ATOMIC=atomic, BM=cfg.BM, BN=cfg.BN,
-                     EVEN_K=K % 128 == 0, NSET=nset, EMU=_EMULATE, PDL=pdl,
+                     EVEN_K=K % 128 == 0, NSET=nset, EMU=_EMULATE, PDL=pdl, PRO=pro,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -391,14 +440,16 @@ def _bucket(M: int) -> int:
 
 
 def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  in_features: int, qparams: torch.Tensor | None = None) -> Config:
+                  in_features: int, qparams: torch.Tensor | None = None,
+                  norm: tuple[torch.Tensor, float] | None = None, glu: bool = False) -> Config:
     """The configuration `w4a16_matmul` uses for this call (timing the candidates once per shape)."""
     M, (G, N) = x.shape[0], scales.shape
-    key = (_bucket(M), N, in_features, G, zeros is None, x.dtype, x.device)
+    pro = _prologue(norm, glu)
+    key = (_bucket(M), N, in_features, G, zeros is None, x.dtype, x.device, pro)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    cands = candidates(M, N, in_features, _sm_count(x.device))
+    cands = [c for c in candidates(M, N, in_features, _sm_count(x.device)) if not (c.atomic and pro == PRO_RMS)]
     if not AUTOTUNE or torch.cuda.is_current_stream_capturing():
         return cands[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -414,7 +465,7 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             # timed without PDL: do_bench's events and cache flushes around each launch make PDL
             # timings noisy enough to pick 2x slower configurations
             ms = triton.testing.do_bench(lambda: launch(c, x, qweight, scales, zeros, out, in_features, False, qparams,
-                                                        pdl=False),
+                                                        pdl=False, norm=norm, glu=glu),
                                          warmup=5, rep=20, return_mode="median")
         except Exception as e:  # a candidate that does not compile on this GPU is skipped
             log.warning("w4a16 config %s failed for M=%d N=%d K=%d: %s", c, M, N, in_features, e)
@@ -430,15 +481,18 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  in_features: int, out: torch.Tensor | None = None, accumulate: bool = False,
-                 config: Config | None = None, qparams: torch.Tensor | None = None) -> torch.Tensor:
+                 config: Config | None = None, qparams: torch.Tensor | None = None,
+                 norm: tuple[torch.Tensor, float] | None = None, glu: bool = False) -> torch.Tensor:
     """Y = X · W_rᵀ (or out += X · W_rᵀ with accumulate), fused.
 
     Shapes: x [M, K] fp16/bf16 row-major CUDA; qweight int32 [ceil(K/128), N, 16]; scales [G, N];
     zeros uint8 [G, N] or None (symmetric); out [M, N] in x's dtype; qparams int32 [G, N]
     (`layout.pack_qparams(scales, zeros, x.dtype)`, which a layer keeps; packed per call if None).
+    X = x, or rms_norm(x) · γ with norm = (γ [K], eps), or with glu (x [M, 2K] = gate|up) silu(gate) · up.
     """
-    M, K = x.shape
-    assert K == in_features and x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16)
+    M = x.shape[0]
+    assert x.shape[1] == in_features * (2 if glu else 1) and x.stride(1) == 1
+    assert x.dtype in (torch.float16, torch.bfloat16)
     N = qweight.shape[1]
     if out is None:
         assert not accumulate
@@ -446,5 +500,5 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype == x.dtype
     if qparams is None:
         qparams = pack_qparams(scales, zeros, x.dtype)
-    cfg = config or select_config(x, qweight, scales, zeros, in_features, qparams)
-    return launch(cfg, x, qweight, scales, zeros, out, in_features, accumulate, qparams)
+    cfg = config or select_config(x, qweight, scales, zeros, in_features, qparams, norm, glu)
+    return launch(cfg, x, qweight, scales, zeros, out, in_features, accumulate, qparams, norm=norm, glu=glu)
