@@ -16,7 +16,8 @@ weights, cosine and max-abs error against the INT4 weights (worst tensor).
     python bench/gguf_quality.py --models smollm2-135m [qwen2.5-0.5b] [--calibrated awq:Q4_K_M gptq:Q4_K_M] \
         [--keep DIR [--reuse]]
 
-Run it under `flock /tmp/lowbit-heavy.lock` on a shared machine.
+Run it under `flock /tmp/lowbit-heavy.lock` on a shared machine. (Named gguf_quality, not gguf: a
+bench/gguf.py would shadow the `gguf` package for every bench script run with bench/ on the path.)
 """
 from __future__ import annotations
 
