@@ -11,7 +11,7 @@ import torch
 import lowbit
 from lowbit.algorithms import make_method
 from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, clip_search, diagonal_blocks,
-                                   flip_candidates, fold, unfoldable)
+                                   flip_candidates, fold, row_gain, unfoldable)
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
 from lowbit.formats.int import IntFormat
@@ -191,8 +191,9 @@ def test_sampled_inputs_plan_like_the_full_hessian(family, tiny_models, monkeypa
     assert [g["alpha"] for g in a.stats["groups"].values()] == [g["alpha"] for g in b.stats["groups"].values()]
     for ga, gb in zip(a.stats["groups"].values(), b.stats["groups"].values()):
         assert ga["loss"] == pytest.approx(gb["loss"], rel=1e-4)
-    for n in a.quantized:
-        assert torch.equal(a.quantized[n].dequantize(), b.quantized[n].dequantize()), n
+    for n in a.quantized:  # the same codes; row gains from X or from H agree to float rounding
+        assert torch.equal(a.quantized[n].W_q, b.quantized[n].W_q), n
+        torch.testing.assert_close(a.quantized[n].dequantize(), b.quantized[n].dequantize(), rtol=1e-5, atol=1e-7)
 
 
 def _recording(init, kept: list):
@@ -226,7 +227,7 @@ def test_awq_scales_alpha_zero_are_ones_and_normalised():
 def test_awq_with_alpha_zero_and_no_clipping_is_rtn(family, tiny_models):
     model, per_layer = _streamed(tiny_models[family])
     layer = _layer(model, per_layer)
-    awq = make_method("awq", {"n_grid": 1, "clip": False}).quantize_layer(layer, FMT)
+    awq = make_method("awq", {"n_grid": 1, "clip": False, "row_gain": False}).quantize_layer(layer, FMT)
     rtn = make_method("rtn").quantize_layer(layer, FMT)
     assert awq.updates == {}
     assert awq.quantized.keys() == rtn.quantized.keys()
@@ -254,6 +255,62 @@ def test_clip_search_picks_the_best_ratio_per_group():
                 errs.append(float(d @ blocks[g] @ d))
             assert clip[o, g] == ratios[min(range(len(errs)), key=errs.__getitem__)]
             assert math.isclose(float(err[o, g]), min(errs), rel_tol=1e-4)
+
+
+def _row_errors(W, W_r, H):
+    return (((W_r - W) @ H) * (W_r - W)).sum(1)
+
+
+@pytest.mark.parametrize("fmt", [FMT, IntFormat(4, 32, sym=True, scale_dtype=torch.float16)])
+def test_row_gain_is_the_least_squares_factor_and_never_raises_a_rows_error(fmt):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 64, generator=g)
+    X = (torch.randn(400, 64, generator=g) @ torch.randn(64, 64, generator=g) + 0.3).bfloat16()
+    H = X.float().T @ X.float() / 400
+    zero = torch.zeros(64)
+    qt = fmt.encode(W, 0.7)  # heavy clipping: every row's reconstruction comes out small
+    W_r = qt.dequantize()
+    gain = row_gain(W, W_r, InputStats(zero, zero, zero, H))
+    torch.testing.assert_close(row_gain(W, W_r, InputStats(zero, zero, zero, X=X)), gain, rtol=1e-4, atol=1e-5)
+    assert bool((gain > 1).all())
+    base = _row_errors(W, W_r, H)
+    for eps in (0.0, 0.01, -0.01):  # the minimum along g: no nearby factor does better
+        assert bool((_row_errors(W, W_r * (gain + eps)[:, None], H) >= _row_errors(W, W_r * gain[:, None], H) - 1e-4).all())
+    rescaled = fmt.rescale_rows(qt, gain)
+    assert torch.equal(rescaled.W_q, qt.W_q) and torch.equal(rescaled.qparams.zero, qt.qparams.zero)
+    torch.testing.assert_close(rescaled.dequantize(), W_r * gain[:, None], rtol=2e-3, atol=1e-6)
+    assert bool((_row_errors(W, rescaled.dequantize(), H) <= base + 1e-4).all())
+    assert torch.equal(row_gain(W, torch.zeros_like(W), InputStats(zero, zero, zero, H)), torch.ones(24))
+
+
+def test_row_gain_goes_into_per_row_scales_and_is_refused_elsewhere():
+    from lowbit.formats import make_format
+    from lowbit.spec import QuantScheme
+    W = torch.randn(8, 64)
+    gain = torch.linspace(0.9, 1.1, 8)
+    for name in ("mxfp4", "nvfp4"):  # power-of-two scales; a global scale
+        f = make_format(QuantScheme(bits=4, group_size=32, sym=True, format=name)).for_tensor(W)
+        assert f.rescale_rows(f.encode(W), gain) is None, name
+    for name in ("nf4", "fp8_e4m3"):
+        f = make_format(QuantScheme(bits=8 if "fp8" in name else 4, group_size=32, sym=True, format=name))
+        qt = f.encode(W)
+        torch.testing.assert_close(f.rescale_rows(qt, gain).dequantize(), qt.dequantize() * gain[:, None])
+    from lowbit.formats.fp8 import FP8E4M3Format
+    per_tensor = FP8E4M3Format(per_tensor=True).for_tensor(W)
+    assert per_tensor.rescale_rows(per_tensor.encode(W), gain) is None
+
+
+def test_awq_row_gain_changes_only_the_scales(tiny_models):
+    model, per_layer = _streamed(tiny_models["llama"])
+    layer = _layer(model, per_layer)
+    off = make_method("awq", {"n_grid": 4, "row_gain": False}).quantize_layer(layer, FMT)
+    on = make_method("awq", {"n_grid": 4}).quantize_layer(layer, FMT)
+    assert off.stats["groups"] == on.stats["groups"]
+    for n, qt in off.quantized.items():
+        assert torch.equal(on.quantized[n].W_q, qt.W_q), n
+        ratio = on.quantized[n].qparams.scale / qt.qparams.scale
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5, atol=0)  # one factor per row
+    assert any("gain_dev" in r for r in on.stats["rounding"].values())
 
 
 # -- DH rounding -----------------------------------------------------------------------------------------

@@ -156,6 +156,21 @@ def _clip_rows(W: torch.Tensor, blocks: torch.Tensor, fmt: Format,
     return best, best_err
 
 
+def row_gain(W: torch.Tensor, W_r: torch.Tensor, X: "InputStats") -> torch.Tensor:
+    """Per row, the factor g that minimises E[(w·x − g · w_r·x)²]: g = E[(w·x)(w_r·x)] / E[(w_r·x)²].
+
+    The clipping search shrinks each group's range on that group's own error, blind to the shrinks
+    of a row adding up: its outputs come out coherently small (on Qwen2.5-0.5B g128, ~1% per
+    linear, compounding over 24 layers; held-out KLD 0.142 with clipping against 0.133 without).
+    The least-squares gain takes that common part out (KLD 0.117) and never raises a row's output
+    error on the tokens X was gathered on, since g = 1 is among its choices.
+    Shapes: W, W_r [out, in] (X's space) -> [out]; 1 where a row's reconstruction is silent.
+    """
+    num, den = X.row_products(W, W_r), X.row_products(W_r, W_r)
+    g = num / den
+    return torch.where((den > 0) & torch.isfinite(g), g, torch.ones_like(g))
+
+
 def flip_candidates(W: torch.Tensor, W_q: torch.Tensor, qp: QParams,
                     fmt: Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each weight's other neighbouring grid point: the grid point nearest W_r on the far side of W.
@@ -232,6 +247,18 @@ class InputStats:
             return output_error(D, self._H)
         total = sum(float(D.matmul(part.T.float()).square_().sum()) for part in self._X.split(TOKEN_CHUNK))
         return total / (self._X.shape[0] * dW.shape[0])
+
+    def row_products(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """E[(a_r·x)(b_r·x)] per row r, for A, B [out, in] acting on this (possibly scaled) input -> [out]."""
+        if self._c is not None:
+            A, B = A / self._c, B / self._c
+        if self._X is None:
+            return (A @ self._H).mul_(B).sum(1)
+        total = torch.zeros(A.shape[0], dtype=torch.float32, device=A.device)
+        for part in self._X.split(TOKEN_CHUNK):
+            part = part.T.float()
+            total += (A @ part).mul_(B @ part).sum(1)
+        return total / max(self._X.shape[0], 1)
 
     def scaled(self, c: torch.Tensor) -> "InputStats":
         """The moments of X / c (c [in])."""
@@ -525,7 +552,9 @@ class AWQ(Method):
     """Standard AWQ: scale search per balance group, clipping search per linear, nearest rounding.
 
     Options: n_grid α points in [0, 1); salience "l2" (E[x²]) or "mean-abs" (E|x|); duo_scaling
-    (x̄^α / w̄^(1−α)); clip on/off with AutoAWQ's clip_grid/max_shrink; search_tokens: calibration
+    (x̄^α / w̄^(1−α)); clip on/off with AutoAWQ's clip_grid/max_shrink; row_gain: each final row's
+    least-squares gain (`row_gain`) folded into its scales, where the format's scales can carry it
+    (off: AutoAWQ's codes and scales exactly); search_tokens: calibration
     tokens the block objective and H use (0 = all, as AutoAWQ). The search runs each group's block
     n_grid times over those tokens: on a CPU, about 18 forward passes of the layer with all 128×512
     tokens, 3 with --search-tokens 8192. importance: formats whose encoders weigh weights by an
@@ -540,7 +569,7 @@ class AWQ(Method):
 
     name = "awq"
     defaults = {"n_grid": 20, "salience": "l2", "duo_scaling": False, "clip": True, "clip_grid": 20,
-                "max_shrink": 0.5, "search_tokens": 8192, "importance": True}
+                "max_shrink": 0.5, "row_gain": True, "search_tokens": 8192, "importance": True}
     # whether some step reads all of E[x xᵀ] (`InputStats.H`); AWQ's read only output errors and diagonal blocks
     full_hessian = False
 
@@ -560,6 +589,19 @@ class AWQ(Method):
         X: moments of W's input in work space. AWQ keeps the format's (nearest) rounding.
         """
         return qt
+
+    def rescaled(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, stats: dict | None = None) -> QuantizedTensor:
+        """`qt` (codes of W, work space) with each row's least-squares gain in its scales, if enabled
+        and the format's scales can carry a factor per row."""
+        if not self.options["row_gain"]:
+            return qt
+        g = row_gain(W, qt.dequantize(), X)
+        out = qt.format.rescale_rows(qt, g)
+        if out is None:
+            return qt
+        if stats is not None:
+            stats["gain_dev"] = float((g - 1).abs().mean())
+        return out
 
     def rounded(self, W: torch.Tensor, s: torch.Tensor, grid: Format, Xs: InputStats, name: str) -> torch.Tensor:
         """Q(W·s)/s [out, in] on `grid` with this method's rounding, a slice of rows at a time: rows
@@ -655,7 +697,8 @@ class AWQ(Method):
             if self.options["clip"] and clippable(n) and f.search_grid() is f:
                 clip, _ = clip_search(W, X.blocks(f.group_length(W.shape[1])), f, ratios)
             qt = f.encode(W, clip, importance=self.importance(X, f))
-            return self.round(W, qt, X, n, rstats), None if clip is None else float(clip.mean()), rstats
+            qt = self.rescaled(W, self.round(W, qt, X, n, rstats), X, rstats)
+            return qt, None if clip is None else float(clip.mean()), rstats
 
         # independent per linear: under torch.distributed each process takes a share (by weight size)
         done = layer.map(list(plan.state.weights), one, cost=lambda n: plan.state.weights[n].numel())

@@ -206,7 +206,7 @@ class AWQJoint(AWQ):
                                                            torch.cat([qts[n].qparams.zero for n in names])),
                                                    qts[names[0]].format), X, ",".join(names))
                 rows = [Ws[n].shape[0] for n in names]
-                out.update({n: QuantizedTensor(codes, qts[n].qparams, qts[n].format)
+                out.update({n: self.rescaled(Ws[n], QuantizedTensor(codes, qts[n].qparams, qts[n].format), X)
                             for n, codes in zip(names, joint.W_q.split(rows))})
         return {n: out[n] for n in Ws}
 

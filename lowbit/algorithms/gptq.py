@@ -539,8 +539,8 @@ class _AWQScales(AWQ):
         return 0
 
 
-# AWQ's options minus its clipping search: under GPTQ the observer chooses every group's range.
-_AWQ_OPTIONS = {k: v for k, v in AWQ.defaults.items() if k not in ("clip", "clip_grid", "max_shrink")}
+# AWQ's options minus its clipping search and row gain: under GPTQ the observer chooses every group's range.
+_AWQ_OPTIONS = {k: v for k, v in AWQ.defaults.items() if k not in ("clip", "clip_grid", "max_shrink", "row_gain")}
 # GPTQ's minus true-sequential Hessians: awq+gptq solves with H of the folded float layer (AWQ's stats)
 _GPTQ_OPTIONS = {k: v for k, v in GPTQ.defaults.items() if k != "true_sequential"}
 

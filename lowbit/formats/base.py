@@ -122,6 +122,22 @@ class Format(ABC):
         round a weight many times (AWQ's α and clipping); the format itself unless its encoder is slow."""
         return self
 
+    # whether W_r scales with each row's stored scales (codes and zeros fixed): a factor per row can go into them
+    row_scalable = False
+
+    def rescale_rows(self, qt: QuantizedTensor, gain: torch.Tensor) -> QuantizedTensor | None:
+        """`qt` with row r's reconstruction multiplied by gain[r] (gain [out]), through its stored scales;
+        None where the scales cannot carry a factor per row (per-tensor or power-of-two scales)."""
+        if not self.row_scalable:
+            return None
+        qp = qt.qparams
+        return QuantizedTensor(qt.W_q, QParams(self.stored_scale(qp.scale.float() * gain[:, None]), qp.zero),
+                               qt.format, qt.g_idx)
+
+    def stored_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` as the format stores it (rounded to its scale dtype)."""
+        return scale
+
     def fake_quantize(self, W: torch.Tensor, clip: torch.Tensor | float | None = None) -> torch.Tensor:
         """W -> W_r: round-trip through the grid (what the deployed model will compute with)."""
         return self.encode(W, clip).dequantize()

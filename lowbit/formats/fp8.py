@@ -37,6 +37,10 @@ class _FP8Format(Format):
         self.scale_dtype = torch.float32
         self.fmax = torch.finfo(self.dtype).max
 
+    @property
+    def row_scalable(self) -> bool:
+        return not self.per_tensor
+
     @classmethod
     def from_scheme(cls, scheme, scale_dtype: torch.dtype = torch.float32) -> "_FP8Format":
         return cls(group_size=scheme.group_size)  # 8 bits by definition; 0 = per channel

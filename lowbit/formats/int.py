@@ -17,6 +17,7 @@ _EPS = 1e-8
 
 class IntFormat(Format):
     name = "int"
+    row_scalable = True  # W_r = (W_q − zero) · scale, zero in code units
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False,
                  scale_dtype: torch.dtype = torch.float32):
@@ -46,16 +47,16 @@ class IntFormat(Format):
         """Grid parameters covering [wmin, wmax] per group (shapes [out, n_groups])."""
         if self.sym:
             absmax = torch.maximum(wmax.abs(), wmin.abs())
-            scale = self._stored(absmax / (self.qmax / 2))
+            scale = self.stored_scale(absmax / (self.qmax / 2))
             zero = torch.full_like(scale, float(1 << (self.bits - 1)))
         else:
             wmax = wmax.clamp(min=0)
             wmin = wmin.clamp(max=0)
-            scale = self._stored((wmax - wmin) / self.qmax)
+            scale = self.stored_scale((wmax - wmin) / self.qmax)
             zero = torch.round(-wmin / scale).clamp(0, self.qmax)
         return QParams(scale, zero)
 
-    def _stored(self, scale: torch.Tensor) -> torch.Tensor:
+    def stored_scale(self, scale: torch.Tensor) -> torch.Tensor:
         return scale.to(self.scale_dtype).float().clamp(min=_EPS)
 
     # in place on the one fresh temporary: whole-weight calls on an 8B MLP weight hold 235 MB per temporary

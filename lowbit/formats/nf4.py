@@ -79,6 +79,7 @@ def quantize_blockwise(A: torch.Tensor, blocksize: int = DQ_BLOCK) -> tuple[torc
 class NF4Format(Format):
     name = "nf4"
     sym = True
+    row_scalable = True  # W_r = code · absmax
 
     def __init__(self, bits: int = 4, group_size: int = 64, sym: bool = True,
                  scale_dtype: torch.dtype = torch.float32, double_quant: bool = False):
