@@ -10,8 +10,9 @@ import torch
 
 import lowbit
 from lowbit.algorithms import make_method
+from lowbit.errors import LowbitError
 from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, clip_search, diagonal_blocks,
-                                   flip_candidates, fold, row_gain, unfoldable)
+                                   flip_candidates, fold, row_gain, single_linear, unfoldable)
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
 from lowbit.formats.int import IntFormat
@@ -478,3 +479,38 @@ def test_other_formats_reconstruct_no_worse_than_rtn(fmt_name, tiny_models):
         result = make_method(m).quantize_layer(layer, fmt)
         assert all(qt.format.name == fmt_name for qt in result.quantized.values())
         assert _layer_mse(layer, per_layer, 0, result) <= rtn, m
+
+
+# -- 16-bit search -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_a_narrowed_view_runs_blocks_in_its_dtype_and_leaves_the_layer_alone(family, tiny_models):
+    model, per_layer = _streamed(tiny_models[family])
+    layer = _layer(model, per_layer)
+    before = {n: p.detach().clone() for n, p in layer.module.named_parameters()}
+    narrow = layer.narrowed(torch.bfloat16)
+    assert layer.narrowed(torch.float32) is layer
+    for group in model.family.balance:
+        if single_linear(group) or unfoldable(layer, ScaledLayer.of(layer), group):
+            continue
+        args, kwargs = narrow.block_inputs(group.block)[0]
+        assert (args[0] if args else kwargs["hidden_states"]).dtype == torch.bfloat16
+        assert next(narrow.module.get_submodule(group.block).parameters()).dtype == torch.bfloat16
+        for a, b in zip(layer.run_block(group.block), narrow.run_block(group.block)):
+            assert b.dtype == torch.float32
+            assert float((a - b).norm() / a.norm()) < 0.03, group.block
+    for n, p in layer.module.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_awq_searches_in_bfloat16_on_request(family, tiny_models):
+    model, per_layer = _streamed(tiny_models[family], n_batches=2, seq=32)
+    layer = _layer(model, per_layer)
+    full = make_method("awq", {"n_grid": 5}).quantize_layer(layer, FMT)
+    narrow = make_method("awq", {"n_grid": 5, "search_dtype": "bfloat16"}).quantize_layer(layer, FMT)
+    assert full.stats["groups"].keys() == narrow.stats["groups"].keys()
+    for g, info in narrow.stats["groups"].items():
+        assert math.isfinite(info["loss"])
+        assert info["loss"] == pytest.approx(full.stats["groups"][g]["loss"], rel=0.1), g
+    with pytest.raises(LowbitError, match="search-dtype"):
+        make_method("awq", {"search_dtype": "int8"})

@@ -544,6 +544,9 @@ def input_keys(layer: LayerData) -> dict[str, str]:
     return keys
 
 
+SEARCH_DTYPES = {"model": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def clippable(name: str) -> bool:
     return name.rsplit(".", 1)[-1] not in _NO_CLIP
 
@@ -554,7 +557,9 @@ class AWQ(Method):
     Options: n_grid α points in [0, 1); salience "l2" (E[x²]) or "mean-abs" (E|x|); duo_scaling
     (x̄^α / w̄^(1−α)); clip on/off with AutoAWQ's clip_grid/max_shrink; row_gain: each final row's
     least-squares gain (`row_gain`) folded into its scales, where the format's scales can carry it
-    (off: AutoAWQ's codes and scales exactly); search_tokens: calibration
+    (off: AutoAWQ's codes and scales exactly); search_dtype: the dtype the block objective's forward
+    passes run in ("model": the compute dtype; "bfloat16" / "float16": a copy of the layer in that
+    dtype, faster on CPUs with 16-bit matrix units); search_tokens: calibration
     tokens the block objective and H use (0 = all, as AutoAWQ). The search runs each group's block
     n_grid times over those tokens: on a CPU, about 18 forward passes of the layer with all 128×512
     tokens, 3 with --search-tokens 8192. importance: formats whose encoders weigh weights by an
@@ -569,7 +574,7 @@ class AWQ(Method):
 
     name = "awq"
     defaults = {"n_grid": 20, "salience": "l2", "duo_scaling": False, "clip": True, "clip_grid": 20,
-                "max_shrink": 0.5, "row_gain": True, "search_tokens": 8192, "importance": True}
+                "max_shrink": 0.5, "row_gain": True, "search_tokens": 8192, "search_dtype": "model", "importance": True}
     # whether some step reads all of E[x xᵀ] (`InputStats.H`); AWQ's read only output errors and diagonal blocks
     full_hessian = False
 
@@ -580,6 +585,8 @@ class AWQ(Method):
             raise LowbitError(f"--salience must be l2 or mean-abs, not {o['salience']!r}")
         if o["n_grid"] < 1 or o["clip_grid"] < 1 or not 0 <= o["max_shrink"] < 1:
             raise LowbitError("--n-grid and --clip-grid must be ≥ 1 and --max-shrink in [0, 1)")
+        if o["search_dtype"] not in SEARCH_DTYPES:
+            raise LowbitError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}, not {o['search_dtype']!r}")
 
     # The steps a variant may replace -----------------------------------------------------------
     def round(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, name: str,
@@ -639,6 +646,8 @@ class AWQ(Method):
         stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
         stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b, self.full_hessian)
         view = candidate_view(layer, batches_for(layer, self.options["search_tokens"]))
+        if SEARCH_DTYPES[self.options["search_dtype"]] is not None:
+            view = view.narrowed(SEARCH_DTYPES[self.options["search_dtype"]])
         plan = LayerPlan(ScaledLayer.of(layer, consume=True), stats, keys, {})
         # a one-linear block's objective compares with that linear's original weights (layer.weights),
         # so it is folded in place only once its own group has been searched

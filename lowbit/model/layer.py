@@ -9,6 +9,7 @@ the methods below that say so return what a single process holding every batch w
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
@@ -81,6 +82,25 @@ def _input_hooks(module: nn.Module, names: Iterable[str], sink: dict[str, list[t
 BLOCK_TOKENS = 1024
 
 
+def _cast_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` if it is floating point (a Parameter stays a Parameter), else t itself."""
+    if not t.is_floating_point():
+        return t
+    cast = t.detach().to(dtype)
+    return nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+
+
+def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    """Every floating-point tensor in a nest of tuples, lists and dicts cast to `dtype`."""
+    if isinstance(x, torch.Tensor):
+        return _cast_tensor(x, dtype)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast_floats(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: _cast_floats(v, dtype) for k, v in x.items()}
+    return x
+
+
 def _one_tensor(args: tuple, kwargs: dict) -> bool:
     """Whether a block call is on one tensor [batch, ..., features] alone, so sequences split freely."""
     return not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2
@@ -110,6 +130,7 @@ class LayerData:
         }
         self._inputs: dict[str, torch.Tensor] = {}
         self._block_inputs: dict[str, list[tuple[tuple, dict]]] = {}
+        self._block_source: LayerData | None = None  # see `narrowed`
 
     @property
     def has_calibration(self) -> bool:
@@ -144,6 +165,19 @@ class LayerData:
         mine = dict(zip(self.split.ids, self.batches))
         batches = [broadcast(self.dist, mine.get(j), self.dist.owner(j)) for j in range(len(split.tokens))]
         return LayerData(self.index, self.module, self.family, batches, (), self.run, BatchSplit.whole(batches))
+
+    def narrowed(self, dtype: torch.dtype) -> "LayerData":
+        """This view with its blocks run in `dtype` (`run_block`): a copy of the module in that dtype,
+        fed this view's block inputs cast to it. For searches that rank candidates by a block's output:
+        on CPUs with bf16 matrix units a bf16 forward runs 2-3x faster than a float32 one. The module
+        is left as it is; the copy's parameters are cast one at a time (no float32 copy of the layer)."""
+        params = list(self.module.parameters()) + list(self.module.buffers())
+        if all(p.dtype == dtype or not p.is_floating_point() for p in params):
+            return self
+        memo = {id(p): _cast_tensor(p, dtype) for p in params}
+        out = LayerData(self.index, copy.deepcopy(self.module, memo), self.family, self.batches, (), self.run, self.split)
+        out._block_source = self
+        return out
 
     def sum_over_processes(self, x):
         """A tensor or int summed over the processes that share the calibration batches (itself for one)."""
@@ -257,6 +291,10 @@ class LayerData:
     @torch.no_grad()
     def block_inputs(self, block: str) -> list[tuple[tuple, dict]]:
         """The (args, kwargs) module `block` receives for each calibration batch, cached."""
+        if block not in self._block_inputs and self._block_source is not None:
+            dtype = next(self.module.get_submodule(block).parameters()).dtype
+            self._block_inputs[block] = [(_cast_floats(args, dtype), _cast_floats(kwargs, dtype))
+                                         for args, kwargs in self._block_source.block_inputs(block)]
         if block not in self._block_inputs:
             calls: list[tuple[tuple, dict]] = []
             h = self.module.get_submodule(block).register_forward_pre_hook(
