@@ -116,11 +116,6 @@ def group_errors(dW: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return (torch.bmm(D, blocks) * D).sum(-1).T
 
 
-def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
-    """Mean squared output error E[(ΔW x)²] averaged over outputs. Shapes: dW [out, in], H [in, in]."""
-    return float(((dW @ H) * dW).sum() / dW.shape[0])
-
-
 def clip_search(W: torch.Tensor, blocks: torch.Tensor, fmt: Format,
                 ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the range shrink factor whose nearest-rounded group minimises that group's output
@@ -242,22 +237,21 @@ class InputStats:
 
     def output_error(self, dW: torch.Tensor) -> float:
         """E[(ΔW x)²] averaged over outputs, for ΔW [out, in] acting on this (possibly scaled) input."""
-        D = dW if self._c is None else dW / self._c
-        if self._X is None:
-            return output_error(D, self._H)
-        total = sum(float(D.matmul(part.T.float()).square_().sum()) for part in self._X.split(TOKEN_CHUNK))
-        return total / (self._X.shape[0] * dW.shape[0])
+        return float(self.row_products(dW, dW).sum()) / dW.shape[0]
 
     def row_products(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """E[(a_r·x)(b_r·x)] per row r, for A, B [out, in] acting on this (possibly scaled) input -> [out]."""
+        same = B is A  # a square: one product with the inputs per token slice, not two
         if self._c is not None:
-            A, B = A / self._c, B / self._c
+            A = A / self._c
+            B = A if same else B / self._c
         if self._X is None:
             return (A @ self._H).mul_(B).sum(1)
         total = torch.zeros(A.shape[0], dtype=torch.float32, device=A.device)
         for part in self._X.split(TOKEN_CHUNK):
             part = part.T.float()
-            total += (A @ part).mul_(B @ part).sum(1)
+            AX = A @ part
+            total += (AX.square_() if same else AX.mul_(B @ part)).sum(1)
         return total / max(self._X.shape[0], 1)
 
     def scaled(self, c: torch.Tensor) -> "InputStats":
@@ -646,8 +640,9 @@ class AWQ(Method):
         stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
         stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b, self.full_hessian)
         view = candidate_view(layer, batches_for(layer, self.options["search_tokens"]))
-        if SEARCH_DTYPES[self.options["search_dtype"]] is not None:
-            view = view.narrowed(SEARCH_DTYPES[self.options["search_dtype"]])
+        search_dtype = SEARCH_DTYPES[self.options["search_dtype"]]
+        if search_dtype is not None:
+            view = view.narrowed(search_dtype)
         plan = LayerPlan(ScaledLayer.of(layer, consume=True), stats, keys, {})
         # a one-linear block's objective compares with that linear's original weights (layer.weights),
         # so it is folded in place only once its own group has been searched
