@@ -11,10 +11,11 @@ import torch
 import lowbit
 from lowbit.algorithms import make_method
 from lowbit.errors import LowbitError
-from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, clip_search, diagonal_blocks,
-                                   flip_candidates, fold, row_gain, single_linear, unfoldable)
+from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, clip_search, diagonal_blocks, fold,
+                                   row_gain, single_linear, unfoldable)
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
+from lowbit.formats.base import Format
 from lowbit.formats.int import IntFormat
 from lowbit.model.layer import LayerData
 from lowbit.model.stream import Batch, StreamedModel
@@ -375,9 +376,25 @@ def test_dh_flips_shrink_b_within_budget_and_spare_outliers(sym):
     assert (changed.sum(1) <= budget).all() and info["flips"] == int(changed.sum())
     assert not changed[:, outliers].any()
     # every flip went to the other neighbouring grid point, on the far side of W
-    codes, _, valid = flip_candidates(W, W_q0, qp, fmt)
+    codes, _, valid = fmt.neighbour_codes(W, W_q0, qp)
     assert torch.equal(W_q[changed], codes[changed]) and valid[changed].all()
     assert ((W_q.int() - W_q0.int()).abs() <= 1).all()
+
+
+@pytest.mark.parametrize("bits,sym,clip", [(4, False, 0.9), (4, True, 1.0), (3, False, 0.7), (8, True, 0.8)])
+def test_int_neighbour_codes_equal_the_trial_decoding_definition(bits, sym, clip):
+    """IntFormat's one-scale-away shortcut gives what the generic search over W_q ± 1 finds."""
+    torch.manual_seed(bits)
+    fmt = IntFormat(bits=bits, group_size=32, sym=sym)
+    W = torch.randn(40, 96) * 0.05
+    W[3, :32] = 0.0  # a flat group: every weight on the grid, the neighbour is up
+    qp = fmt.fit(W, clip)
+    W_q = fmt.quantize(W, qp)
+    fast = fmt.neighbour_codes(W, W_q, qp)
+    slow = Format.neighbour_codes(fmt, W, W_q, qp)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[2], slow[2])
+    assert torch.allclose(fast[1], slow[1], rtol=1e-5, atol=1e-7)
+    assert 0.5 < fast[2].float().mean() < 1.0  # clipped weights at the range ends have none
 
 
 def test_knee_threshold_marks_the_tail_and_handles_flat_curves():

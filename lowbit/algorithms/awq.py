@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -164,35 +163,6 @@ def row_gain(W: torch.Tensor, W_r: torch.Tensor, X: "InputStats") -> torch.Tenso
     num, den = X.row_products(W, W_r), X.row_products(W_r, W_r)
     g = num / den
     return torch.where((den > 0) & torch.isfinite(g), g, torch.ones_like(g))
-
-
-def flip_candidates(W: torch.Tensor, W_q: torch.Tensor, qp: QParams,
-                    fmt: Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each weight's other neighbouring grid point: the grid point nearest W_r on the far side of W.
-
-    It is looked for among the adjacent codes W_q ± 1, which holds for ordered code books (int,
-    nf4) and for sign-magnitude ones (fp4, fp8), whose codes run away from zero on both sides.
-    Shapes: W, W_q [out, in] -> codes [out, in], value change δ [out, in], valid [out, in] bool
-    (False where no such code exists, e.g. a clipped weight at the range end).
-    """
-    gl = fmt.group_length(W.shape[1])
-    scale, zero = expand_groups(qp.scale.float(), gl), expand_groups(qp.zero.float(), gl)
-    W_r = fmt.dequantize_elementwise(W_q, scale, zero)
-    side = torch.where(W >= W_r, 1.0, -1.0)  # on the grid exactly: up, as DH-AWQ does
-    info = torch.iinfo(W_q.dtype)  # codes stay in their dtype, and unsigned ones below 2^bits
-    lo, hi = info.min, info.max if info.min < 0 else min(info.max, (1 << getattr(fmt, "bits", 8)) - 1)
-    best_codes, best_delta = W_q, torch.full_like(W, math.inf)
-    for step in (1, -1):
-        wide = W_q.to(torch.int16) + step
-        codes = wide.clamp(lo, hi).to(W_q.dtype)
-        delta = fmt.dequantize_elementwise(codes, scale, zero) - W_r
-        ok = (wide >= lo) & (wide <= hi) & (delta * side > 0)
-        ok &= fmt.quantize_elementwise(W_r + delta, scale, zero).to(codes.dtype) == codes  # a grid code
-        better = ok & (delta.abs() < best_delta.abs())
-        best_codes = torch.where(better, codes, best_codes)
-        best_delta = torch.where(better, delta, best_delta)
-    valid = torch.isfinite(best_delta)
-    return best_codes, torch.where(valid, best_delta, 0.0), valid
 
 
 # -- calibration statistics -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from ..formats.map import Formats, per_linear
 from ..model.arch import BalanceGroup
 from ..model.layer import LayerData
 from .awq import (AWQ, InputStats, LayerPlan, awq_scales, block_objective, clip_ratios, clip_search, clippable,
-                  flip_candidates, group_weight_mean, one_cpu_thread)
+                  group_weight_mean, one_cpu_thread)
 
 
 # -- pure math ------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def cd_round(W: torch.Tensor, W_q: torch.Tensor, qp: QParams, fmt: Format, H: to
     of columns and brought up to date for the rest after it (as GPTQ batches its updates).
     Shapes: W, W_q [out, in], H [in, in] (positive diagonal) -> codes [out, in], weights flipped.
     """
-    codes, delta, valid = flip_candidates(W, W_q, qp, fmt)
+    codes, delta, valid = fmt.neighbour_codes(W, W_q, qp)
     step = torch.where(valid, delta, 0)  # W_r change of flipping, from nearest to the other point
     flipped = torch.zeros_like(valid)
     W_r = fmt.dequantize(W_q, qp)

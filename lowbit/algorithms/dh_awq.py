@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..formats import Format, QParams, QuantizedTensor
-from .awq import AWQ, InputStats, flip_candidates
+from .awq import AWQ, InputStats
 
 
 # -- pure math ------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def dh_round(W: torch.Tensor, W_q: torch.Tensor, qp: QParams, fmt: Format, mu: t
     """
     W_r = fmt.dequantize(W_q, qp)
     b = (W_r - W) @ mu
-    codes, delta, valid = flip_candidates(W, W_q, qp, fmt)
+    codes, delta, valid = fmt.neighbour_codes(W, W_q, qp)
     flipped, b_after = greedy_flips(b, delta * mu[None, :], valid & ~outliers[None, :], budget)
     info = {"flips": int(flipped.sum()), "b_before": float(b.abs().mean()), "b_after": float(b_after.abs().mean())}
     return torch.where(flipped, codes, W_q), info

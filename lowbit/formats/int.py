@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LowbitError
-from .base import Format, QParams, QuantizedTensor
+from .base import Format, QParams, QuantizedTensor, expand_groups
 from .packing import pack_int32, unpack_int32
 
 _EPS = 1e-8
@@ -65,6 +65,18 @@ class IntFormat(Format):
 
     def dequantize_elementwise(self, W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return W_q.to(torch.float32, copy=True).sub_(zero).mul_(scale)
+
+    def neighbour_codes(self, W: torch.Tensor, W_q: torch.Tensor,
+                        qp: QParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`Format.neighbour_codes` on an evenly spaced grid: the neighbour is W_q ± 1, one scale away
+        (no trial decoding: DH-AWQ asks for it at every α grid point)."""
+        gl = self.group_length(W.shape[1])
+        scale, zero = expand_groups(qp.scale.float(), gl), expand_groups(qp.zero.float(), gl)
+        up = W >= self.dequantize_elementwise(W_q, scale, zero)  # on the grid exactly: up, as DH-AWQ does
+        wide = W_q.to(torch.int16) + torch.where(up, 1, -1).to(torch.int16)
+        valid = (wide >= 0) & (wide <= self.qmax)
+        codes = wide.clamp_(0, self.qmax).to(W_q.dtype)
+        return codes, torch.where(valid, torch.where(up, scale, -scale), 0.0), valid
 
     def bits_per_weight(self, in_features: int) -> float:
         gl = self.group_length(in_features)
