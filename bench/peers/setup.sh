@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="${LOWBIT_CACHE:-$HOME/.cache/lowbit}/peers"
 PY="${PYTHON:-python3.11}"
 mkdir -p "$ROOT"
-want() { [ $# -eq 0 ] || [[ " $* " == *" $1 "* ]]; }
+want() { local name=$1; shift; [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }  # want NAME [ASKED...]
 mk() {  # mk NAME TORCH PACKAGES...
   local name=$1 torch=$2; shift 2
   [ -x "$ROOT/$name/bin/python" ] && "$ROOT/$name/bin/python" -c "import sys" && [ -f "$ROOT/$name/.ok" ] && return
