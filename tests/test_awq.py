@@ -12,7 +12,7 @@ import lowbit
 from lowbit.algorithms import make_method
 from lowbit.errors import LowbitError
 from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, clip_search, diagonal_blocks, fold,
-                                   row_gain, single_linear, unfoldable)
+                                   row_gain, search_dtype, single_linear, unfoldable)
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
 from lowbit.formats.base import Format
@@ -523,7 +523,7 @@ def test_a_narrowed_view_runs_blocks_in_its_dtype_and_leaves_the_layer_alone(fam
 def test_awq_searches_in_bfloat16_on_request(family, tiny_models):
     model, per_layer = _streamed(tiny_models[family], n_batches=2, seq=32)
     layer = _layer(model, per_layer)
-    full = make_method("awq", {"n_grid": 5}).quantize_layer(layer, FMT)
+    full = make_method("awq", {"n_grid": 5, "search_dtype": "model"}).quantize_layer(layer, FMT)
     narrow = make_method("awq", {"n_grid": 5, "search_dtype": "bfloat16"}).quantize_layer(layer, FMT)
     assert full.stats["groups"].keys() == narrow.stats["groups"].keys()
     for g, info in narrow.stats["groups"].items():
@@ -531,3 +531,17 @@ def test_awq_searches_in_bfloat16_on_request(family, tiny_models):
         assert info["loss"] == pytest.approx(full.stats["groups"][g]["loss"], rel=0.1), g
     with pytest.raises(LowbitError, match="search-dtype"):
         make_method("awq", {"search_dtype": "int8"})
+
+
+def test_auto_search_dtype_narrows_float32_layers_only(tiny_models):
+    """The default searches a float32 layer on a bf16 copy for a coarse grid, and as it is for an
+    8-bit grid or a 16-bit layer."""
+    model, per_layer = _streamed(tiny_models["llama"], n_batches=2, seq=32)
+    layer = _layer(model, per_layer)
+    assert search_dtype("auto", layer, FMT) == torch.bfloat16 and search_dtype("model", layer, FMT) is None
+    assert search_dtype("auto", layer, IntFormat(bits=8, group_size=32)) is None
+    auto = make_method("awq", {"n_grid": 5}).quantize_layer(layer, FMT)
+    bf16 = make_method("awq", {"n_grid": 5, "search_dtype": "bfloat16"}).quantize_layer(layer, FMT)
+    summary = lambda r: {g: (i["alpha"], i["loss"]) for g, i in r.stats["groups"].items()}  # noqa: E731
+    assert summary(auto) == summary(bf16)
+    assert search_dtype("auto", layer.narrowed(torch.bfloat16), FMT) is None

@@ -9,6 +9,7 @@ input-dim nibbles low bits first, qzeros int32 [groups, out/8], fp16 scales [gro
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def dequantize_gptq(t: dict[str, torch.Tensor], prefix: str, bits: int, v1: bool
 
 def main() -> None:
     args = parse_args(**{"--desc-act": 0, "--batch-size": 8})
+    # its default CPU pool, (cores + 1) // 2 workers, is 1 on a 2-core machine, below the 2 its model
+    # loader pool asks for (GPTQModel 7.7.0 then refuses Qwen2.5-0.5B); every core, as on larger machines
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     from gptqmodel import GPTQModel, QuantizeConfig
     from safetensors.torch import load_file
 

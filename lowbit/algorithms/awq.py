@@ -508,7 +508,26 @@ def input_keys(layer: LayerData) -> dict[str, str]:
     return keys
 
 
-SEARCH_DTYPES = {"model": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEARCH_DTYPES = {"auto": None, "model": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# bf16's rounding (2^-8 relative) lies well below the error of grids of up to ~6 bits per weight (their
+# scales included); on 8-bit grids it does not, and the α ranking turns to noise (q8_0 ended worse than RTN)
+AUTO_SEARCH_MAX_BITS = 6.0
+
+
+def search_dtype(name: str, layer: LayerData, fmt: Formats) -> torch.dtype | None:
+    """The dtype the α search runs its block forwards in (None: the layer's own). "auto": a bf16
+    copy of a layer that computes in float32 when every linear's grid is coarse (≤ AUTO_SEARCH_MAX_BITS
+    bits per weight; on CPUs measured 1.4-2.3x faster, KLD within ±2.5% either way over awq, dh-awq,
+    awq-joint on SmolLM2 and Qwen2.5-0.5B at 4 bits), else the layer itself."""
+    if name != "auto":
+        return SEARCH_DTYPES[name]
+    if next(layer.module.parameters()).dtype in (torch.float16, torch.bfloat16):
+        return None
+    fmts = per_linear(fmt, layer.weights)
+    coarse = all(f.bits_per_weight(layer.weights[n].shape[1]) <= AUTO_SEARCH_MAX_BITS for n, f in fmts.items())
+    return torch.bfloat16 if coarse else None
 
 
 def clippable(name: str) -> bool:
@@ -522,8 +541,8 @@ class AWQ(Method):
     (x̄^α / w̄^(1−α)); clip on/off with AutoAWQ's clip_grid/max_shrink; row_gain: each final row's
     least-squares gain (`row_gain`) folded into its scales, where the format's scales can carry it
     (off: AutoAWQ's codes and scales exactly); search_dtype: the dtype the block objective's forward
-    passes run in ("model": the compute dtype; "bfloat16" / "float16": a copy of the layer in that
-    dtype, faster on CPUs with 16-bit matrix units); search_tokens: calibration
+    passes run in ("auto": see `search_dtype`; "model": the compute dtype; "bfloat16" / "float16": a
+    copy of the layer in that dtype, faster on CPUs with 16-bit matrix units); search_tokens: calibration
     tokens the block objective and H use (0 = all, as AutoAWQ). The search runs each group's block
     n_grid times over those tokens: on a CPU, about 18 forward passes of the layer with all 128×512
     tokens, 3 with --search-tokens 8192. importance: formats whose encoders weigh weights by an
@@ -538,7 +557,7 @@ class AWQ(Method):
 
     name = "awq"
     defaults = {"n_grid": 20, "salience": "l2", "duo_scaling": False, "clip": True, "clip_grid": 20,
-                "max_shrink": 0.5, "row_gain": True, "search_tokens": 8192, "search_dtype": "model", "importance": True}
+                "max_shrink": 0.5, "row_gain": True, "search_tokens": 8192, "search_dtype": "auto", "importance": True}
     # whether some step reads all of E[x xᵀ] (`InputStats.H`); AWQ's read only output errors and diagonal blocks
     full_hessian = False
 
@@ -610,9 +629,9 @@ class AWQ(Method):
         stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
         stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b, self.full_hessian)
         view = candidate_view(layer, batches_for(layer, self.options["search_tokens"]))
-        search_dtype = SEARCH_DTYPES[self.options["search_dtype"]]
-        if search_dtype is not None:
-            view = view.narrowed(search_dtype)
+        narrow = search_dtype(self.options["search_dtype"], layer, fmt)
+        if narrow is not None:
+            view = view.narrowed(narrow)
         plan = LayerPlan(ScaledLayer.of(layer, consume=True), stats, keys, {})
         # a one-linear block's objective compares with that linear's original weights (layer.weights),
         # so it is folded in place only once its own group has been searched
