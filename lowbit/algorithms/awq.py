@@ -23,8 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import LowbitError
-from ..formats import Format, QParams, QuantizedTensor
-from ..formats.base import expand_groups
+from ..formats import Format, QuantizedTensor
 from ..formats.map import Formats, per_linear
 from ..model.arch import BalanceGroup
 from ..model.layer import LayerData

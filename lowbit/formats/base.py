@@ -123,6 +123,11 @@ class Format(ABC):
         round a weight many times (AWQ's α and clipping); the format itself unless its encoder is slow."""
         return self
 
+    def per_weight(self, qp: QParams, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid parameters repeated over their groups' columns: scale, zero [out, n_groups] -> [out, in] (float32)."""
+        gl = self.group_length(in_features)
+        return expand_groups(qp.scale.float(), gl), expand_groups(qp.zero.float(), gl)
+
     def neighbour_codes(self, W: torch.Tensor, W_q: torch.Tensor,
                         qp: QParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each weight's other neighbouring grid point: the grid point nearest W_r on the far side of W.
@@ -132,8 +137,7 @@ class Format(ABC):
         Shapes: W, W_q [out, in] -> codes [out, in], value change δ [out, in], valid [out, in] bool
         (False where no such code exists, e.g. a clipped weight at the range end).
         """
-        gl = self.group_length(W.shape[1])
-        scale, zero = expand_groups(qp.scale.float(), gl), expand_groups(qp.zero.float(), gl)
+        scale, zero = self.per_weight(qp, W.shape[1])
         W_r = self.dequantize_elementwise(W_q, scale, zero)
         side = torch.where(W >= W_r, 1.0, -1.0)  # on the grid exactly: up, as DH-AWQ does
         info = torch.iinfo(W_q.dtype)  # codes stay in their dtype, and unsigned ones below 2^bits

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LowbitError
-from .base import Format, QParams, QuantizedTensor, expand_groups
+from .base import Format, QParams, QuantizedTensor
 from .packing import pack_int32, unpack_int32
 
 _EPS = 1e-8
@@ -70,8 +70,7 @@ class IntFormat(Format):
                         qp: QParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`Format.neighbour_codes` on an evenly spaced grid: the neighbour is W_q ± 1, one scale away
         (no trial decoding: DH-AWQ asks for it at every α grid point)."""
-        gl = self.group_length(W.shape[1])
-        scale, zero = expand_groups(qp.scale.float(), gl), expand_groups(qp.zero.float(), gl)
+        scale, zero = self.per_weight(qp, W.shape[1])
         up = W >= self.dequantize_elementwise(W_q, scale, zero)  # on the grid exactly: up, as DH-AWQ does
         wide = W_q.to(torch.int16) + torch.where(up, 1, -1).to(torch.int16)
         valid = (wide >= 0) & (wide <= self.qmax)
