@@ -4,7 +4,7 @@
 
 The saved GPTQ checkpoint is decoded from its documented layout (qweight int32 [in/8, out] with
 input-dim nibbles low bits first, qzeros int32 [groups, out/8], fp16 scales [groups, out], g_idx
-[in]; v1 stores zero − 1) into W_r [out, in].
+[in]; v1 stores the packed zeros minus 0x11111111, undone as GPTQModel's loader does) into W_r [out, in].
 """
 from __future__ import annotations
 
@@ -26,13 +26,24 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(-1, packed.shape[1])
 
 
-def dequantize_gptq(t: dict[str, torch.Tensor], prefix: str, bits: int, v1: bool) -> torch.Tensor:
+def v1_zeros_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQModel writes v1 zeros as the packed v2 word minus 0x11111111 (integer arithmetic, so a zero
+    point of 0 borrows from its neighbour) and its loader adds the word back: undo it the same way,
+    exactly. A nibble-wise "+1" decode (exllama-style kernels) gets such groups wrong."""
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    return ((qzeros.to(torch.int64) + ones) & 0xFFFFFFFF).to(torch.uint32).view(torch.int32) if bits in (2, 4, 8) \
+        else qzeros
+
+
+def dequantize_gptq(t: dict[str, torch.Tensor], prefix: str, bits: int, v1: bool) -> tuple[torch.Tensor, int]:
+    """W_r [out, in] and how many group zero points a nibble-wise v1 decode would get wrong."""
     q = unpack_rows(t[prefix + "qweight"], bits)                       # [in, out]
-    z = unpack_rows(t[prefix + "qzeros"].T.contiguous(), bits).T       # [groups, out]
-    z = z + 1 if v1 else z
+    qz = t[prefix + "qzeros"]
+    z = unpack_rows((v1_zeros_to_v2(qz, bits) if v1 else qz).T.contiguous(), bits).T  # [groups, out]
+    wrong = int((unpack_rows(qz.T.contiguous(), bits).T + 1 != z).sum()) if v1 else 0
     s = t[prefix + "scales"].float()                                   # [groups, out]
     g = t[prefix + "g_idx"].long()                                     # [in]
-    return ((q - z[g]).float() * s[g]).T.contiguous()                  # [out, in]
+    return ((q - z[g]).float() * s[g]).T.contiguous(), wrong           # [out, in]
 
 
 def main() -> None:
@@ -58,12 +69,13 @@ def main() -> None:
         tensors: dict[str, torch.Tensor] = {}
         for f in Path(tmp).glob("*.safetensors"):
             tensors.update(load_file(f))
-    W_r = {p[:-len("qweight")] + "weight": dequantize_gptq(tensors, p[:-len("qweight")], args.bits, v1)
-           for p in tensors if p.endswith(".qweight")}
+    decoded = {p[:-len("qweight")] + "weight": dequantize_gptq(tensors, p[:-len("qweight")], args.bits, v1)
+               for p in tensors if p.endswith(".qweight")}
+    W_r = {k: w for k, (w, _) in decoded.items()}
     save_dequantized(args.model, args.out, W_r,
                      {"peer": "GPTQModel", "version": package_version("gptqmodel"), "quantize_config": cfg,
-                      "quantize_s": t.s, "n_quantized": len(W_r)})
-
+                      "quantize_s": t.s, "n_quantized": len(W_r),
+                      "v1_zeros_a_nibble_wise_decode_gets_wrong": sum(n for _, n in decoded.values())})
 
 if __name__ == "__main__":
     main()
