@@ -42,6 +42,8 @@ def save_dequantized(base: Path, out: Path, weights: dict[str, torch.Tensor], in
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     params = dict(model.named_parameters())
+    if not weights or all(torch.equal(params[n].data, W.float().to(params[n].device)) for n, W in weights.items()):
+        raise SystemExit(f"{info.get('peer')}: no weight differs from the base; its output is not quantized")
     for name, W_r in weights.items():
         p = params[name]
         assert p.shape == W_r.shape, f"{name}: {tuple(W_r.shape)} != {tuple(p.shape)}"

@@ -4,9 +4,6 @@
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 
 from _peer import Timer, calibration_ids, package_version, parse_args, save_dequantized
@@ -15,7 +12,6 @@ from _peer import Timer, calibration_ids, package_version, parse_args, save_dequ
 def main() -> None:
     args = parse_args(**{"--iters": 200, "--batch-size": 8})
     from auto_round import AutoRound
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = calibration_ids(args.calib)
@@ -25,11 +21,12 @@ def main() -> None:
     with Timer() as t:
         ar = AutoRound(model, tok, bits=args.bits, group_size=args.group_size, sym=args.sym, dataset=batches,
                        nsamples=len(ids), seqlen=ids.shape[1], batch_size=args.batch_size, iters=args.iters)
-        with tempfile.TemporaryDirectory() as tmp:
-            ar.quantize_and_save(tmp, format="fake")
-            W_r = {}
-            for f in Path(tmp).rglob("*.safetensors"):
-                W_r.update({k: v for k, v in load_file(f).items() if k.endswith("proj.weight")})
+        qmodel, _ = ar.quantize()
+    # The tuned weights, as its fake-quant format would hold them, read from memory: its saver
+    # (0.16.1) copies every float32 tensor of the source checkpoint back over the saved ones
+    # ("restore FP32 tensors from source"), which for lowbit's float32 base undoes the quantization.
+    W_r = {f"{n}.weight": m.weight.detach().float().cpu().clone() for n, m in qmodel.named_modules()
+           if isinstance(m, torch.nn.Linear) and getattr(m, "scale", None) is not None}
     save_dequantized(args.model, args.out, W_r,
                      {"peer": "auto-round", "version": package_version("auto-round"), "iters": args.iters,
                       "batch_size": args.batch_size, "quantize_s": t.s, "n_quantized": len(W_r)})
