@@ -160,3 +160,32 @@ def test_unsupported_choices_are_refused(fp16_models, tmp_path, calib):
         lowbit.quantize(src, tmp_path / "a", method="rtn", bits=3, group_size=32, export_format="gptq", **calib)
     with pytest.raises(LowbitError, match="left in float"):
         lowbit.quantize(src, tmp_path / "b", method="rtn", group_size=32, layers="1", export_format="gptq", **calib)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_v1_zeros_read_gptqmodels_word_wise_minus_one_and_lowbits_field_wise(bits):
+    """GPTQModel writes v1 zeros as the packed word minus 0x11..1 (a zero of 0 borrows from the next
+    field); lowbit writes (zero − 1) per field and never a 0. The reader decodes both exactly, and the
+    inspect and GGUF-source decoders use it."""
+    from lowbit.eval.inspect import decode_gptq
+    from lowbit.export.gptq import unpack_int32, v1_zeros
+    torch.manual_seed(0)
+    k, top = 32 // bits, (1 << bits) - 1
+    zeros = torch.randint(0, top + 1, (3, 4 * k))
+    zeros[0, ::3] = 0  # the case only a word-wise reader gets right
+    zeros[1, 1::2] = top
+    words = pack_int32(zeros.T.contiguous(), bits).T.to(torch.int64)  # [G, out/k]
+    ones = sum(1 << (bits * j) for j in range(k))
+    gptqmodel = ((words & 0xFFFFFFFF) - ones) % 2**32
+    assert torch.equal(v1_zeros(gptqmodel, bits), zeros)
+    nonzero = zeros.clamp(min=1)
+    lowbit_words = pack_int32((nonzero - 1).T.contiguous(), bits).T
+    assert torch.equal(v1_zeros(lowbit_words, bits), nonzero)
+    assert torch.equal(unpack_int32(pack_int32(zeros.T.contiguous(), bits), bits), zeros.T)
+    # whole decode: codes equal to the zero points give W_r = 0 everywhere
+    G, out = zeros.shape
+    in_f = G * k * 2
+    g_idx = torch.arange(in_f) // (in_f // G)
+    qweight = pack_int32(zeros[g_idx], bits)
+    W_r = decode_gptq(qweight, gptqmodel.to(torch.int32), torch.ones(G, out, dtype=torch.float16), g_idx, bits)
+    assert W_r.shape == (out, in_f) and torch.equal(W_r, torch.zeros(out, in_f))

@@ -106,20 +106,12 @@ def decode_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     """GPTQ v1 -> W_r float32.
 
     Shapes: qweight int32 [in/k, out]; qzeros int32 [G, out/k]; scales [G, out]; g_idx [in]
-    -> W_r [out, in], with k = 32/b codes per int32, lowest bits first, and zero = stored + 1.
+    -> W_r [out, in], with k = 32/b codes per int32, lowest bits first, and zero = stored + 1
+    (`export.gptq.v1_zeros`).
     """
-    k = 32 // bits
-    mask = (1 << bits) - 1
-    shifts = torch.arange(k, dtype=torch.int64) * bits
-
-    def unpack(t: torch.Tensor, dim: int) -> torch.Tensor:
-        u = t.to(torch.int64) & 0xFFFFFFFF
-        if dim == 0:  # [n/k, m] -> [n, m]
-            return ((u.unsqueeze(1) >> shifts.view(1, k, 1)) & mask).reshape(-1, u.shape[1])
-        return ((u.unsqueeze(2) >> shifts.view(1, 1, k)) & mask).reshape(u.shape[0], -1)
-
-    codes = unpack(qweight, 0)            # [in, out]
-    zeros = unpack(qzeros, 1) + 1         # [G, out]
+    from ..export.gptq import unpack_int32, v1_zeros
+    codes = unpack_int32(qweight, bits)   # [in, out]
+    zeros = v1_zeros(qzeros, bits)        # [G, out]
     g = g_idx.long()
     return ((codes - zeros[g]).double() * scales.double()[g]).float().T.contiguous()
 

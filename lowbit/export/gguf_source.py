@@ -23,6 +23,7 @@ from ..errors import LowbitError
 from ..formats import QParams, QuantizedTensor
 from ..formats.int import IntFormat
 from ..model.source import WeightStore
+from .gptq import unpack_int32, v1_zeros
 
 _SUFFIXES = {
     "pack-quantized": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
@@ -54,14 +55,6 @@ def _kind(qcfg: dict | None, where: Path) -> tuple[str, int, bool]:
     variant = qcfg.get("checkpoint_format") or qcfg.get("version")
     raise LowbitError(f"{where}: quantization method {method!r} ({variant}) "
                       "is not read by GGUF export; it reads compressed-tensors, GPTQ v1 and AutoAWQ GEMM")
-
-
-def _unpack_rows(t: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 [n/k, m] packed along dim 0, lowest bits first -> [n, m] codes (GPTQ qweight)."""
-    k = 32 // bits
-    u = t.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(k, dtype=torch.int64) * bits).view(1, k, 1)
-    return ((u.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, u.shape[1])
 
 
 def _unpack_awq(t: torch.Tensor) -> torch.Tensor:
@@ -122,8 +115,8 @@ class CheckpointSource:
             fmt = IntFormat(self.bits, in_f // G, self.sym)
             return fmt.unpack(t)
         if self.kind == "gptq":
-            W_q = _unpack_rows(t["qweight"], self.bits).T.contiguous()          # [out, in]
-            zero = _unpack_rows(t["qzeros"].T.contiguous(), self.bits).T + 1    # [G, out]
+            W_q = unpack_int32(t["qweight"], self.bits).T.contiguous()          # [out, in]
+            zero = v1_zeros(t["qzeros"], self.bits)                             # [G, out]
             scale = t["scales"].float().T.contiguous()                          # [out, G]
             G, in_f = scale.shape[1], W_q.shape[1]
             g_idx = t["g_idx"].long()

@@ -15,9 +15,12 @@ On-disk layout per quantized linear (shapes for out × in, G groups, b ∈ {2, 4
 Scales are written in float16 whatever the source dtype (bf16 scales of ordinary magnitude convert
 exactly; fp32 ones are rounded, and the largest relative change is logged).
 
-A zero point of 0 (an asymmetric group with no negative weight) cannot be stored in v1: loaders add
-the 1 back without wrapping (16 instead of 0). Such a group is rewritten exactly as codes + 1 with
-zero 1 when no code in it is 2^b − 1; otherwise export is refused.
+A zero point of 0 (an asymmetric group with no negative weight) has no v1 encoding every loader
+reads alike: field-wise loaders (exllama-style kernels) add 1 to each field without wrapping (16
+instead of 0), while GPTQModel subtracts 0x11..1 from the packed word as one integer (a 0 borrows
+from its neighbour) and adds it back on load. lowbit never writes one: such a group is rewritten
+exactly as codes + 1 with zero 1 when no code in it is 2^b − 1; otherwise export is refused.
+Reading (`v1_zeros`) adds the word back, which decodes both lowbit's and GPTQModel's files exactly.
 """
 from __future__ import annotations
 
@@ -56,6 +59,23 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = (torch.arange(k, dtype=torch.int64, device=c.device) * bits).view(1, k, 1)
     packed = (c << shifts).sum(dim=1)  # < 2^32, exact in int64
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_int32` undone: int32 (or int64 words < 2^32) [n·bits/32, m] -> codes int64 [n, m]."""
+    k = 32 // bits
+    u = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(k, dtype=torch.int64, device=u.device) * bits).view(1, k, 1)
+    return ((u.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, u.shape[1])
+
+
+def v1_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points int64 [G, out] of v1 qzeros [G, out/k]: each word plus 0x11..1 (one 1 per field)
+    as an integer, which equals a field-wise + 1 unless a field holds 2^b − 1 (a zero of 0 that
+    GPTQModel's word-wise "− 1" wrote; see the module docstring)."""
+    ones = sum(1 << (bits * j) for j in range(32 // bits))
+    words = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF
+    return unpack_int32(words.T, bits).T
 
 
 def convert(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
