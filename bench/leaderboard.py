@@ -33,8 +33,9 @@ from pathlib import Path
 
 from common import PEERS, entry_dir, run_entry, run_measured, save_calibration, score, table
 
-LOWBIT = ["rtn", "awq", "dh-awq", "awq-joint", "gptq", "awq+gptq", "rtn --weight-format nf4",
-          "awq --weight-format nf4"]
+# NF4 has no compressed-tensors layout: those rows write fake-quant checkpoints (bpw counted from the format)
+LOWBIT = ["rtn", "awq", "dh-awq", "awq-joint", "gptq", "awq+gptq", "rtn --weight-format nf4 --format fake",
+          "awq --weight-format nf4 --format fake"]
 PEER_ROWS = ["llmc-awq", "llmc-gptq", "gptqmodel", "auto-round", "hqq", "bnb-nf4"]
 GGUF = ["gguf:llama:Q4_K_M", "gguf:llama-imatrix:Q4_K_M", "gguf:lowbit-awq:Q4_K_M"]
 ENTRIES = LOWBIT + PEER_ROWS + GGUF

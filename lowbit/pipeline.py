@@ -28,7 +28,7 @@ from .algorithms import Method, make_method
 from .data import calibration_ids, load_text
 from .distributed import Dist, all_gather, broadcast
 from .errors import LowbitError
-from .export import ExportContext, get_exporter
+from .export import ExportContext, check_exportable, get_exporter
 from .formats import QParams, QuantizedTensor, make_format
 from .formats.map import FormatMap
 from .model.layer import BatchSplit, LayerData
@@ -69,6 +69,7 @@ def quantize(cfg: QuantizeConfig, overwrite: bool = False, resume: bool = False,
     fmt = _formats(cfg, model, method, source_dtype)
     layer_ids = _layer_selection(cfg.layers, model.num_layers)
     _check_shapes(model, fmt, layer_ids, cfg.quantize_lm_head)
+    check_exportable(cfg.export_format, fmt.default)  # before hours of work, not after
 
     layers_dir = partial / "layers"
 

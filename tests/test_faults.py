@@ -64,6 +64,23 @@ def test_disk_full_is_one_line_and_leaves_no_output(tiny_llama, tmp_path, monkey
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("export_format,fmt,match", [
+    ("compressed-tensors", "nf4", "holds int formats, not 'nf4'"),
+    ("gptq", "fp8_e4m3", "GPTQ checkpoints hold int formats"),
+    ("autoawq", "nf4", "AutoAWQ GEMM holds 4-bit int"),
+    ("gguf", "int", "writes GGUF block types"),
+])
+def test_exporter_that_cannot_store_the_format_refuses_before_calibrating(tiny_llama, tmp_path, monkeypatch,
+                                                                         export_format, fmt, match):
+    def never(*a, **k):
+        raise AssertionError("calibration ran before the export format was checked")
+    monkeypatch.setattr(pipeline, "_calibration_batches", never)
+    with pytest.raises(LowbitError, match=match):
+        lowbit.quantize(tiny_llama, tmp_path / "o", method="awq", fmt=fmt, export_format=export_format,
+                        group_size=32, **QUICK)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
 def test_too_little_free_space_refused_upfront(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
     with pytest.raises(LowbitError, match="not enough disk space"):

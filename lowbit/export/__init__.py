@@ -1,26 +1,41 @@
-"""Exporter registry: a new output format is one file here plus one line in ``EXPORTERS``."""
+"""Exporter registry: a new output format is one file here plus one line in ``EXPORTERS``.
+
+An exporter module has ``export(ctx, out_dir)`` and may have ``unsupported(fmt) -> str | None``,
+the reason it cannot store a weight format, which `check_exportable` asks before any quantizing."""
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Callable
 
 from ..errors import LowbitError
 from . import autoawq, compressed_tensors, fake, gguf, gptq
 from .writer import ExportContext
 
-EXPORTERS: dict[str, Callable] = {
-    "compressed-tensors": compressed_tensors.export,
-    "fake": fake.export,
-    "gptq": gptq.export,
-    "autoawq": autoawq.export,
-    "gguf": gguf.export,
+EXPORTERS: dict[str, ModuleType] = {
+    "compressed-tensors": compressed_tensors,
+    "fake": fake,
+    "gptq": gptq,
+    "autoawq": autoawq,
+    "gguf": gguf,
 }
 
 
-def get_exporter(name: str) -> Callable:
+def _module(name: str) -> ModuleType:
     try:
         return EXPORTERS[name]
     except KeyError:
         raise LowbitError(f"unknown export format {name!r}; available: {', '.join(EXPORTERS)}") from None
 
 
-__all__ = ["EXPORTERS", "ExportContext", "get_exporter"]
+def get_exporter(name: str) -> Callable:
+    return _module(name).export
+
+
+def check_exportable(name: str, fmt) -> None:
+    """Raise the exporter's one-line reason if it cannot store weight format `fmt` (a bad name too)."""
+    reason = getattr(_module(name), "unsupported", lambda _fmt: None)(fmt)
+    if reason:
+        raise LowbitError(reason)
+
+
+__all__ = ["EXPORTERS", "ExportContext", "check_exportable", "get_exporter"]

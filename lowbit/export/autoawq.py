@@ -57,11 +57,17 @@ def convert(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _check(ctx: ExportContext) -> None:
-    fmt = ctx.fmt
+def unsupported(fmt) -> str | None:
+    """Why this exporter cannot store `fmt` (checked before quantizing), or None."""
     if fmt.name != "int" or fmt.bits != BITS:
-        raise LowbitError(f"AutoAWQ GEMM holds 4-bit int weights, not {fmt.name} {getattr(fmt, 'bits', '?')}-bit; "
-                          "use --bits 4 --weight-format int, or --format compressed-tensors")
+        return (f"AutoAWQ GEMM holds 4-bit int weights, not {fmt.name} {getattr(fmt, 'bits', '?')}-bit; "
+                "use --bits 4 --weight-format int, or --format compressed-tensors")
+    return None
+
+
+def _check(ctx: ExportContext) -> None:
+    if reason := unsupported(ctx.fmt):
+        raise LowbitError(reason)
     if ctx.lm_head_quantized:
         raise LowbitError("AutoAWQ checkpoints keep lm_head in float; drop --quantize-lm-head or use "
                           "--format compressed-tensors")

@@ -59,10 +59,17 @@ def quantization_config(ctx: ExportContext) -> dict:
     return cfg.model_dump(exclude_none=False)
 
 
+def unsupported(fmt) -> str | None:
+    """Why this exporter cannot store `fmt` (checked before quantizing), or None."""
+    if fmt.name != "int":
+        return (f"compressed-tensors pack-quantized holds int formats, not {fmt.name!r}; "
+                "choose --format fake or another exporter")
+    return None
+
+
 def export(ctx: ExportContext, out_dir: Path) -> None:
-    if ctx.fmt.name != "int":
-        raise LowbitError(f"compressed-tensors pack-quantized holds int formats, not {ctx.fmt.name!r}; "
-                          "choose --format fake or another exporter")
+    if reason := unsupported(ctx.fmt):
+        raise LowbitError(reason)
 
     def convert_linear(path: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         if qt.g_idx is not None:

@@ -316,11 +316,18 @@ def write_gguf(out_path: Path, source, config, tokenizer_dir: Path, preset: Pres
 
 
 # -- entry points -------------------------------------------------------------------------------
+def unsupported(fmt) -> str | None:
+    """Why this exporter cannot store `fmt` (checked before quantizing), or None."""
+    if not isinstance(fmt, GGUFFormat):
+        return (f"--format gguf writes GGUF block types, not {fmt.name!r}; "
+                "choose --weight-format gguf:q4_k (or another gguf:<type>)")
+    return None
+
+
 def export(ctx: ExportContext, out_dir: Path) -> None:
     """``lowbit quantize --format gguf``: out_dir/model.gguf with the method's codes as they are."""
-    if not isinstance(ctx.fmt, GGUFFormat):
-        raise LowbitError(f"--format gguf writes GGUF block types, not {ctx.fmt.name!r}; "
-                          "choose --weight-format gguf:q4_k (or another gguf:<type>)")
+    if reason := unsupported(ctx.fmt):
+        raise LowbitError(reason)
     if any(ctx.plan.quantized(p).g_idx is not None for p in ctx.plan.quantized_paths):
         raise LowbitError("GGUF blocks hold contiguous groups; quantize without act-order (g_idx)")
     preset = ctx.plan.formats.info.get("preset") or preset_for_block_type(ctx.fmt.block.name)

@@ -128,14 +128,20 @@ def quantization_config(ctx: ExportContext, desc_act: bool) -> dict:
     }
 
 
+def unsupported(fmt) -> str | None:
+    """Why this exporter cannot store `fmt` (checked before quantizing), or None."""
+    if fmt.name != "int":
+        return f"GPTQ checkpoints hold int formats, not {fmt.name!r}; choose --format fake or another exporter"
+    if fmt.bits not in SUPPORTED_BITS:
+        return (f"the GPTQ exporter writes {', '.join(map(str, SUPPORTED_BITS))}-bit codes, "
+                f"not {fmt.bits}; choose --bits 4 or --format compressed-tensors")
+    return None
+
+
 def _check(ctx: ExportContext) -> None:
     fmt = ctx.fmt
-    if fmt.name != "int":
-        raise LowbitError(f"GPTQ checkpoints hold int formats, not {fmt.name!r}; "
-                          "choose --format fake or another exporter")
-    if fmt.bits not in SUPPORTED_BITS:
-        raise LowbitError(f"the GPTQ exporter writes {', '.join(map(str, SUPPORTED_BITS))}-bit codes, "
-                          f"not {fmt.bits}; choose --bits 4 or --format compressed-tensors")
+    if reason := unsupported(fmt):
+        raise LowbitError(reason)
     k = 32 // fmt.bits
     for path in ctx.plan.quantized_paths:
         out_features, in_features = ctx.store.shape(f"{path}.weight") if f"{path}.weight" in ctx.store \
