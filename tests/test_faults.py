@@ -81,6 +81,19 @@ def test_exporter_that_cannot_store_the_format_refuses_before_calibrating(tiny_l
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
+def test_exporters_refuse_a_format_they_cannot_store_when_called_too(tmp_path):
+    """The registry's exporters check the format themselves (for callers other than the pipeline)."""
+    from types import SimpleNamespace
+
+    from lowbit.export import get_exporter
+    from lowbit.formats import make_format
+    from lowbit.spec import QuantScheme
+    nf4 = make_format(QuantScheme(format="nf4", bits=4, group_size=64))
+    with pytest.raises(LowbitError, match="holds int formats, not 'nf4'"):
+        get_exporter("compressed-tensors")(SimpleNamespace(fmt=nf4), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_too_little_free_space_refused_upfront(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
     with pytest.raises(LowbitError, match="not enough disk space"):

@@ -31,8 +31,7 @@ def v1_zeros_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     point of 0 borrows from its neighbour) and its loader adds the word back: undo it the same way,
     exactly. A nibble-wise "+1" decode (exllama-style kernels) gets such groups wrong."""
     ones = sum(1 << (bits * i) for i in range(32 // bits))
-    return ((qzeros.to(torch.int64) + ones) & 0xFFFFFFFF).to(torch.uint32).view(torch.int32) if bits in (2, 4, 8) \
-        else qzeros
+    return (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF  # words as int64 in [0, 2^32): unpack_rows reads them as is
 
 
 def dequantize_gptq(t: dict[str, torch.Tensor], prefix: str, bits: int, v1: bool) -> tuple[torch.Tensor, int]:
@@ -76,6 +75,7 @@ def main() -> None:
                      {"peer": "GPTQModel", "version": package_version("gptqmodel"), "quantize_config": cfg,
                       "quantize_s": t.s, "n_quantized": len(W_r),
                       "v1_zeros_a_nibble_wise_decode_gets_wrong": sum(n for _, n in decoded.values())})
+
 
 if __name__ == "__main__":
     main()

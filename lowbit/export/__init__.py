@@ -1,7 +1,8 @@
 """Exporter registry: a new output format is one file here plus one line in ``EXPORTERS``.
 
 An exporter module has ``export(ctx, out_dir)`` and may have ``unsupported(fmt) -> str | None``,
-the reason it cannot store a weight format, which `check_exportable` asks before any quantizing."""
+the reason it cannot store a weight format: `check_exportable` asks it before any quantizing, and
+the exporter `get_exporter` returns asks it again before writing, so modules never check it themselves."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -28,7 +29,14 @@ def _module(name: str) -> ModuleType:
 
 
 def get_exporter(name: str) -> Callable:
-    return _module(name).export
+    """Exporter `name` as export(ctx, out_dir), which refuses a weight format it cannot store."""
+    module = _module(name)
+
+    def export(ctx: ExportContext, out_dir) -> None:
+        check_exportable(name, ctx.fmt)
+        module.export(ctx, out_dir)
+
+    return export
 
 
 def check_exportable(name: str, fmt) -> None:

@@ -66,8 +66,7 @@ def unsupported(fmt) -> str | None:
 
 
 def _check(ctx: ExportContext) -> None:
-    if reason := unsupported(ctx.fmt):
-        raise LowbitError(reason)
+    """What `unsupported` cannot tell from the format alone: the lm_head and this plan's shapes."""
     if ctx.lm_head_quantized:
         raise LowbitError("AutoAWQ checkpoints keep lm_head in float; drop --quantize-lm-head or use "
                           "--format compressed-tensors")

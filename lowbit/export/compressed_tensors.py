@@ -68,9 +68,6 @@ def unsupported(fmt) -> str | None:
 
 
 def export(ctx: ExportContext, out_dir: Path) -> None:
-    if reason := unsupported(ctx.fmt):
-        raise LowbitError(reason)
-
     def convert_linear(path: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         if qt.g_idx is not None:
             raise LowbitError(f"{path}: act-order groups (g_idx) are not written by this exporter; "

@@ -326,8 +326,6 @@ def unsupported(fmt) -> str | None:
 
 def export(ctx: ExportContext, out_dir: Path) -> None:
     """``lowbit quantize --format gguf``: out_dir/model.gguf with the method's codes as they are."""
-    if reason := unsupported(ctx.fmt):
-        raise LowbitError(reason)
     if any(ctx.plan.quantized(p).g_idx is not None for p in ctx.plan.quantized_paths):
         raise LowbitError("GGUF blocks hold contiguous groups; quantize without act-order (g_idx)")
     preset = ctx.plan.formats.info.get("preset") or preset_for_block_type(ctx.fmt.block.name)

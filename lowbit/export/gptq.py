@@ -139,10 +139,8 @@ def unsupported(fmt) -> str | None:
 
 
 def _check(ctx: ExportContext) -> None:
-    fmt = ctx.fmt
-    if reason := unsupported(fmt):
-        raise LowbitError(reason)
-    k = 32 // fmt.bits
+    """What `unsupported` cannot tell from the format alone: the shapes and layers of this plan."""
+    k = 32 // ctx.fmt.bits
     for path in ctx.plan.quantized_paths:
         out_features, in_features = ctx.store.shape(f"{path}.weight") if f"{path}.weight" in ctx.store \
             else ctx.plan.quantized(path).W_q.shape
