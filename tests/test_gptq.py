@@ -9,7 +9,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms import make_method
-from lowbit.algorithms.gptq import (OBSERVERS, HessianSum, _observe, collect_hessians, gptq_quantize,
+from lowbit.algorithms.gptq import (OBSERVERS, HessianSum, _observe, collect_hessians, gptq_quantize, group_aware_order,
                                     gptq_quantize_shared, reconstruction_loss, scale_hessian)
 from lowbit.errors import LowbitError
 from lowbit.eval.evaluate import load_causal_lm
@@ -28,7 +28,8 @@ def calib(calib_text) -> dict:
     return dict(QUICK, calib_dataset=calib_text)
 GRIDS = [(4, 32, False), (4, 16, True), (3, 0, False), (2, 32, True), (8, 64, False)]
 VARIANTS = [{}, {"act_order": True}, {"static_groups": True}, {"true_act_order": True}, {"observer": "mse"},
-            {"act_order": True, "observer": "mse"}, {"block_size": 24}]
+            {"act_order": True, "observer": "mse"}, {"block_size": 24}, {"group_aware": True},
+            {"group_aware": True, "observer": "mse", "block_size": 24}]
 
 
 def _problem(out=40, inp=128, tokens=600, seed=0):
@@ -82,10 +83,44 @@ def test_never_worse_than_rtn_on_the_same_inputs(bits, group, sym, opts):
         direct = ((W - W_r) @ X.T).pow(2).sum().item() / X.shape[0]  # ||(W − W_r) X||² / n from X itself
         assert r.loss == pytest.approx(direct, rel=1e-3)
         rtn = ((W - fmt.fake_quantize(W)) @ X.T).pow(2).sum().item() / X.shape[0]
-        assert r.loss <= rtn, f"seed {seed}: GPTQ {r.loss:.4g} worse than RTN {rtn:.4g}"
+        assert r.loss <= rtn * (1 + 1e-5), f"seed {seed}: GPTQ {r.loss:.4g} worse than RTN {rtn:.4g}"  # (float32 sums)
         # a working error feedback wins clearly (2-bit classic gains least: its groups are refitted
-        # on weights the feedback has pushed outside the grid)
+        # on weights the feedback has pushed outside the grid; group-aware order, which sends the error
+        # of the most important groups onto the rest, can lose to RTN there: the solver then keeps RTN)
+        if bits == 2 and opts.get("group_aware"):
+            continue
         assert r.loss < (0.99 if bits == 2 else 0.9) * rtn
+
+
+def test_group_aware_order_keeps_groups_whole_and_sorts_them():
+    """GAR: groups by their largest diag H, columns inside a group by diag H; a K-quant unit's groups stay in order."""
+    d = torch.tensor([1., 5., 2., 0., 9., 3., 4., 8., 7., 6., 0.5, 0.2])
+    assert group_aware_order(d, 3, 3).tolist() == [4, 5, 3, 7, 8, 6, 9, 10, 11, 1, 2, 0]
+    # units of two groups: units ordered by their max, groups inside a unit keep their order
+    assert group_aware_order(d, 3, 6).tolist() == [1, 2, 0, 4, 5, 3, 7, 8, 6, 9, 10, 11]
+
+
+def test_group_aware_grids_sit_in_original_group_order():
+    """The grid of every group is the one its own columns were rounded with: the codes decode, with no g_idx,
+    to the weights GPTQ solved (the reconstruction loss it reports)."""
+    W, X, H = _problem(out=16, inp=128, seed=3)
+    fmt = IntFormat(4, 32, False)
+    r = gptq_quantize(W, H, fmt, group_aware=True)
+    assert r.quantized.g_idx is None
+    assert r.loss == pytest.approx(reconstruction_loss(W, r.quantized.dequantize(), H), rel=1e-6)
+    assert r.loss < gptq_quantize(W, H, fmt, act_order=False).loss
+
+
+def test_a_solve_worse_than_rtn_keeps_rtn():
+    """2-bit symmetric groups in group-aware order lose to RTN on this problem: the result is RTN's codes and grid."""
+    W, X, H = _problem(seed=0)
+    fmt = IntFormat(2, 32, True)
+    r = gptq_quantize(W, H, fmt, group_aware=True)
+    assert r.kept_rtn
+    ref = _rtn(W, fmt)
+    assert torch.equal(r.quantized.W_q, ref.W_q) and torch.equal(r.quantized.qparams.scale, ref.qparams.scale)
+    assert r.loss == pytest.approx(reconstruction_loss(W, ref.dequantize(), H))
+    assert not gptq_quantize(W, H, IntFormat(4, 32, False), group_aware=True).kept_rtn
 
 
 def _reference_gptq(W, H, fmt, damp=0.01):
@@ -281,6 +316,18 @@ def test_hessian_sum_is_a_mean_over_all_tokens():
     torch.testing.assert_close(h.hessian(), 2 * X.T @ X / 100)
 
 
+def test_hessian_sum_of_16_bit_inputs_stays_close_to_float32():
+    """bf16 X (a --hessian-dtype bfloat16 forward): the chunked 16-bit products, summed in float32, are within
+    1e-3 of the float32 H of the same bf16 values; one 16-bit product of all tokens would be ~5x further off."""
+    X = (torch.randn(4096, 96) * (torch.rand(96) * 3 + 0.1)).bfloat16()
+    h = HessianSum()
+    for part in X.split(1500):
+        h.add(part)
+    assert h.XtX.dtype == torch.float32 and h.n_tokens == 4096
+    ref = 2 * X.double().T @ X.double() / 4096
+    assert (h.hessian().double() - ref).norm() < 1e-3 * ref.norm()
+
+
 # -- Hessians from a real layer ----------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
 def test_collect_hessians_shares_one_per_input(family, tiny_models):
@@ -301,6 +348,17 @@ def test_collect_hessians_shares_one_per_input(family, tiny_models):
     for n, H in hessians.items():
         assert X[n].shape[0] == 3 * 2 * 16
         torch.testing.assert_close(H, 2 * X[n].T @ X[n] / X[n].shape[0], rtol=1e-4, atol=1e-5)
+    # the same from a bf16 copy of the layer (--hessian-dtype): close, from bf16 inputs, the float layer untouched
+    before = {n: p.clone() for n, p in layer.module.state_dict().items()}
+    narrow = layer.narrowed(torch.bfloat16)
+    seen = []
+    h = narrow.module.get_submodule(names[0]).register_forward_pre_hook(lambda _m, a: seen.append(a[0].dtype))
+    hessians16, shared16 = collect_hessians(narrow, names)
+    h.remove()
+    assert shared16 == shared and set(seen) == {torch.bfloat16} and len(seen) == 3
+    for n, H in hessians.items():
+        assert (hessians16[n] - H).norm() < 0.02 * H.norm(), n
+    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in layer.module.state_dict().items())
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -350,7 +408,8 @@ def test_cli_flags_reach_the_method(tiny_llama, tmp_path):
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     m = make_method(args.method, opts)
     assert m.solver_options() == {"block_size": 64, "damp": 0.05, "act_order": True, "static_groups": False,
-                                  "true_act_order": False, "observer": "mse", "importance": True}
+                                  "true_act_order": False, "group_aware": False, "observer": "mse",
+                                  "importance": True}
 
 
 def test_true_sequential_changes_only_downstream_inputs(tiny_llama, tmp_path, calib):
@@ -388,7 +447,7 @@ def test_awq_gptq_without_scales_is_gptq(tiny_llama, tmp_path, calib):
     a = lowbit.quantize(tiny_llama, tmp_path / "a", method="awq+gptq", n_grid=1, group_size=32,
                         export_format="fake", **calib)
     b = lowbit.quantize(tiny_llama, tmp_path / "b", method="gptq", group_size=32, true_sequential=False,
-                        export_format="fake", **calib)
+                        hessian_dtype="model", export_format="fake", **calib)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:  # the two Hessians are summed in different orders: allow rare rounding-tie flips

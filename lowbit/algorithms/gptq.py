@@ -20,7 +20,9 @@ Solver details (IST-DASLab's algorithm):
     as error feedback has left them (classic GPTQ); `static_groups` fits all groups on the original
     W up front; `act_order` processes columns by descending diag H with static groups (codes keep
     contiguous groups); `true_act_order` fits groups dynamically in that permuted order and returns
-    the group of every column (g_idx);
+    the group of every column (g_idx); `group_aware` (GAR, Gafni et al. 2025; GPTQModel's
+    act_group_aware) reorders whole groups by their largest diag H and the columns inside each group
+    by diag H, so groups are fitted as the loop reaches them and still need no g_idx;
   - observers: "minmax" or "mse" (per group, the shrink of the range in 1.00, 0.99, …, 0.80 whose
     rounding has the least squared error).
 """
@@ -36,7 +38,7 @@ from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from ..formats.map import Formats, per_linear
 from ..model.layer import replaced_weights
-from .awq import AWQ, input_keys, one_cpu_thread
+from .awq import AWQ, SEARCH_DTYPES, input_keys, one_cpu_thread, search_dtype
 from .base import LayerResult, Method
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 OBSERVERS = ("minmax", "mse")
 MSE_SHRINKS = tuple(1.0 - 0.01 * k for k in range(21))  # 1.00 … 0.80, as llm-compressor's mse observer
 MAX_ATTEMPTS = 5
+GRAM_TOKENS = 512  # tokens per 16-bit XᵀX product (see HessianSum.add)
 
 
 # -- make / accumulate ---------------------------------------------------------------------------
@@ -59,10 +62,18 @@ class HessianSum:
 
     def add(self, X: torch.Tensor) -> None:
         assert X.dim() == 2, f"X must be [tokens, in], got {tuple(X.shape)}"
-        X = X.float()
         if self.XtX is None:
             self.XtX = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-        self.XtX.addmm_(X.T, X)
+        if X.dtype in (torch.bfloat16, torch.float16) and X.device.type == "cpu":
+            # CPU matrix units multiply 16-bit inputs ~10x faster than float32, accumulating in float32,
+            # but torch rounds the product to 16 bits: summed over chunks of GRAM_TOKENS the error stays
+            # ~3e-4 of H (with 16k tokens), far below the dampening; the down_proj input's XᵀX was half of
+            # Qwen2.5-0.5B's GPTQ time in float32
+            for part in X.split(GRAM_TOKENS):
+                self.XtX += (part.T @ part).float()
+        else:
+            X = X.float()
+            self.XtX.addmm_(X.T, X)
         self.n_tokens += X.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -102,11 +113,14 @@ class GPTQResult:
     group of every input column) when the groups are not contiguous (true act order).
     loss: ||(W − W_r) X||² / n_tokens = tr(ΔW H ΔWᵀ) / 2, with the undamped H.
     damp: the dampening used, relative to mean(diag H) (larger than asked after a retry).
+    kept_rtn: GPTQ's loss was above round-to-nearest's on the same H (dynamic groups refitted on
+    weights the error feedback pushed off the grid can do that at 2 bits), so `quantized` is RTN's.
     """
 
     quantized: QuantizedTensor
     loss: float
     damp: float
+    kept_rtn: bool = False
 
 
 def reconstruction_loss(W: torch.Tensor, W_r: torch.Tensor, H: torch.Tensor) -> float:
@@ -122,7 +136,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, **options: Any)
 
 def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Format, *, block_size: int = 128,
                          damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                         true_act_order: bool = False, observer: str = "minmax",
+                         true_act_order: bool = False, group_aware: bool = False, observer: str = "minmax",
                          importance: bool = False) -> list[GPTQResult]:
     """GPTQ of several weight matrices that read the same input: one inverse Hessian for all.
 
@@ -149,6 +163,9 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
     if true_act_order and static_groups:
         raise LowbitError("true_act_order fits groups as the permuted loop reaches them; it cannot be "
                           "combined with static_groups (act_order alone uses static groups)")
+    if group_aware and (true_act_order or static_groups):
+        raise LowbitError("group_aware fits whole groups as the loop reaches them; it cannot be combined with "
+                          "true_act_order or static_groups")
     if not torch.isfinite(H).all():
         raise LowbitError("the Hessian contains NaN or Inf: calibration activations overflow "
                           "(try --dtype float32)")
@@ -172,7 +189,13 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
     fmts = [fmt.for_tensor(W) for W in Ws]
     jobs = [(list(range(len(Ws))), fmt)] if all(f is fmt for f in fmts) else [([k], f) for k, f in enumerate(fmts)]
 
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if (act_order or true_act_order) else None
+    if group_aware:
+        perm = group_aware_order(torch.diag(H), gl, unit)
+        act_order = False
+    elif act_order or true_act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    else:
+        perm = None
     use_static = static_groups or (act_order and not true_act_order)
     imp = torch.diag(H_orig) / 2 if importance and fmt.uses_importance else None  # E[x²] per column
     prepared = []
@@ -206,12 +229,16 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
 
     inv = None if perm is None else torch.argsort(perm)
     g_idx = None
-    if inv is not None and not use_static:  # true act order: group k = permuted columns [k·gl, (k+1)·gl)
+    if inv is not None and true_act_order:  # group k = permuted columns [k·gl, (k+1)·gl)
         g_idx = (inv // gl).to(torch.int32)
+    # group-aware: processed group k is the original group perm[k·gl] // gl; put the grids back in that order
+    group_home = torch.argsort(perm[::gl] // gl) if group_aware else None
     results: list[GPTQResult | None] = [None] * len(Ws)
     for (members, f, _, _, _), (W_q, qp) in zip(prepared, solved):
         if inv is not None:
             W_q = W_q[:, inv]
+        if group_home is not None:
+            qp = QParams(qp.scale[:, group_home.to(qp.scale.device)], qp.zero[:, group_home.to(qp.zero.device)])
         rows = [Ws[k].shape[0] for k in members]
         for k, W_q_k, sc, ze in zip(members, W_q.split(rows), qp.scale.split(rows), qp.zero.split(rows)):
             dev = Ws_in[k].device
@@ -220,8 +247,32 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
             W_r = qt.dequantize()
             if not torch.isfinite(W_r).all():  # unreachable for finite grids; never let a NaN out
                 raise LowbitError("GPTQ produced a non-finite reconstruction")
-            results[k] = GPTQResult(qt, reconstruction_loss(Ws_in[k], W_r, H_orig), d)
+            loss = reconstruction_loss(Ws_in[k], W_r, H_orig)
+            if g_idx is None:  # (a g_idx is shared by the rows solved with it: no linear leaves that order)
+                rtn = _round_to_nearest(Ws_in[k], f, observer, unit, imp)
+                rtn_loss = reconstruction_loss(Ws_in[k], rtn.dequantize(), H_orig)
+                if rtn_loss < loss:
+                    results[k] = GPTQResult(rtn, rtn_loss, d, kept_rtn=True)
+                    continue
+            results[k] = GPTQResult(qt, loss, d)
     return results  # type: ignore[return-value]
+
+
+def group_aware_order(d: torch.Tensor, gl: int, unit: int) -> torch.Tensor:
+    """Group-aware reordering (GAR) of columns with importance d [in] (diag H): fit units (one group,
+    or a K-quant super-block) by their largest d, descending, and inside each group its columns by d,
+    descending. Groups stay whole and a unit's groups keep their order, so every grid is fitted on
+    error-updated weights as the loop reaches it and the codes keep contiguous groups.
+
+    Shapes: d [in] -> permutation [in] (processing position -> original column).
+    """
+    n = d.numel()
+    per_unit = unit // gl
+    by_group = d.reshape(n // unit, per_unit, gl)
+    inside = torch.argsort(by_group, dim=-1, descending=True, stable=True)
+    inside = inside + torch.arange(0, n, gl, device=d.device).reshape(n // unit, per_unit, 1)
+    units = torch.argsort(by_group.amax(dim=(1, 2)), descending=True, stable=True)
+    return inside[units].reshape(n)
 
 
 def fit_length(fmt: Format, n_in: int) -> int:
@@ -330,6 +381,13 @@ def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, bl
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     assert W_q is not None
     return W_q, QParams(scale, zero)
+
+
+def _round_to_nearest(W: torch.Tensor, fmt: Format, observer: str, unit: int,
+                      importance: torch.Tensor | None) -> QuantizedTensor:
+    """W [out, in] rounded to nearest on the grid the observer fits to it (on W's device)."""
+    qp = _observe(fmt, W.float(), observer, unit, None if importance is None else importance.to(W.device))
+    return QuantizedTensor(fmt.quantize(W.float(), qp), qp, fmt)
 
 
 def _observe(fmt: Format, W: torch.Tensor, observer: str, unit: int | None = None,
@@ -445,6 +503,8 @@ def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tens
             quantized[n] = r.quantized
             stats["loss"][n] = r.loss
             stats["rtn_loss"][n] = rtn_loss
+            if r.kept_rtn:
+                stats.setdefault("rtn_kept", []).append(n)
             if r.damp != options.get("damp", 0.01):
                 stats.setdefault("damp", {})[n] = r.damp
     return LayerResult({n: quantized[n] for n in weights}, stats=stats)
@@ -461,7 +521,8 @@ def _join_rows(pieces: list[tuple[list[GPTQResult], list[float]]]) -> tuple[list
                              QParams(torch.cat([p.quantized.qparams.scale for p in per_part]),
                                      torch.cat([p.quantized.qparams.zero for p in per_part])),
                              first.format, first.g_idx)
-        results.append(GPTQResult(qt, sum(p.loss for p in per_part), max(p.damp for p in per_part)))
+        results.append(GPTQResult(qt, sum(p.loss for p in per_part), max(p.damp for p in per_part),
+                                  any(p.kept_rtn for p in per_part)))
     return results, [sum(x) for x in zip(*(l for _, l in pieces))]
 
 
@@ -473,9 +534,11 @@ class GPTQ(Method):
         "act_order": True,
         "static_groups": False,
         "true_act_order": False,
+        "group_aware": False,
         "observer": "minmax",
         "importance": True,
         "true_sequential": True,
+        "hessian_dtype": "auto",
     }
 
     def __init__(self, **options: Any):
@@ -486,20 +549,32 @@ class GPTQ(Method):
         if o["true_act_order"] and o["static_groups"]:
             raise LowbitError("--true-act-order fits groups dynamically; drop --static-groups "
                               "(--act-order alone uses static groups)")
+        if o["group_aware"] and (o["true_act_order"] or o["static_groups"]):
+            raise LowbitError("--group-aware orders whole groups and fits them as it goes; drop --true-act-order "
+                              "and --static-groups")
         if int(o["block_size"]) < 1 or float(o["damp"]) < 0:
             raise LowbitError("--block-size must be >= 1 and --damp >= 0")
+        if o["hessian_dtype"] not in SEARCH_DTYPES:
+            raise LowbitError(f"--hessian-dtype must be one of {', '.join(SEARCH_DTYPES)}, not {o['hessian_dtype']!r}")
 
     def solver_options(self) -> dict[str, Any]:
         o = self.options
         return {"block_size": int(o["block_size"]), "damp": float(o["damp"]), "act_order": bool(o["act_order"]),
                 "static_groups": bool(o["static_groups"]), "true_act_order": bool(o["true_act_order"]),
-                "observer": o["observer"], "importance": bool(o["importance"])}
+                "group_aware": bool(o["group_aware"]), "observer": o["observer"], "importance": bool(o["importance"])}
 
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
         if not self.options["true_sequential"]:
-            hessians, shared = collect_hessians(layer, list(layer.weights))
+            hessians, shared = collect_hessians(self.hessian_view(layer, fmt), list(layer.weights))
             return solve_layer(layer.weights, hessians, shared, fmt, layer.map, _parts(layer), **self.solver_options())
         return self.quantize_sequentially(layer, fmt)
+
+    def hessian_view(self, layer, fmt: Formats):
+        """The layer the Hessians' forward passes run on: a bf16 copy under --hessian-dtype auto where the
+        awq search would use one (`awq.search_dtype`): on CPUs with bf16 matrix units several times faster,
+        and bf16 inputs are what GPTQModel's H is made of on such a CPU."""
+        narrow = search_dtype(self.options["hessian_dtype"], layer, fmt)
+        return layer if narrow is None else layer.narrowed(narrow)
 
     def quantize_sequentially(self, layer, fmt: Formats) -> LayerResult:
         """Linears that share an input, one set after another in the layer's order (q,k,v; o; gate,up;
@@ -508,9 +583,10 @@ class GPTQ(Method):
         done: dict[str, torch.Tensor] = {}  # linear -> dequantized weights, while the layer is solved
         quantized: dict[str, QuantizedTensor] = {}
         stats: dict[str, Any] = {}
+        view = self.hessian_view(layer, fmt)
         for names in input_sets(layer):
-            with replaced_weights(layer.module, done):
-                hessians, shared = collect_hessians(layer, names)
+            with replaced_weights(view.module, done):
+                hessians, shared = collect_hessians(view, names)
             result = solve_layer({n: layer.weights[n] for n in names}, hessians, shared, fmt, layer.map,
                                  _parts(layer), **self.solver_options())
             for n, qt in result.quantized.items():
@@ -548,8 +624,8 @@ class _AWQScales(AWQ):
 
 # AWQ's options minus its clipping search and row gain: under GPTQ the observer chooses every group's range.
 _AWQ_OPTIONS = {k: v for k, v in AWQ.defaults.items() if k not in ("clip", "clip_grid", "max_shrink", "row_gain")}
-# GPTQ's minus true-sequential Hessians: awq+gptq solves with H of the folded float layer (AWQ's stats)
-_GPTQ_OPTIONS = {k: v for k, v in GPTQ.defaults.items() if k != "true_sequential"}
+# GPTQ's minus its own Hessians' options: awq+gptq solves with H of the folded float layer (AWQ's stats)
+_GPTQ_OPTIONS = {k: v for k, v in GPTQ.defaults.items() if k not in ("true_sequential", "hessian_dtype")}
 
 
 class AWQGPTQ(Method):

@@ -46,6 +46,31 @@ class _InputsSeen(Exception):
     """Raised from a forward hook once every input asked for was seen: stops the layer's forward early."""
 
 
+class _RanInstead(Exception):
+    """Carries the output of the module that computed in place of another (see `_run_instead`)."""
+
+    def __init__(self, output: Any):
+        self.output = output
+
+
+def _run_instead(run: Callable[[Batch], Any], module: nn.Module, stand_in: nn.Module,
+                 dtype: torch.dtype) -> Callable[[Batch], Any]:
+    """`run` with `stand_in` computing wherever `module` would, on module's inputs cast to `dtype`
+    (whatever `run` does around the module, e.g. a final norm before lm_head, still runs as it is)."""
+    def hook(_m, args, kwargs):
+        raise _RanInstead(stand_in(*_cast_floats(args, dtype), **_cast_floats(kwargs, dtype)))
+
+    def run_instead(batch: Batch) -> Any:
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            return run(batch)
+        except _RanInstead as done:
+            return done.output
+        finally:
+            handle.remove()
+    return run_instead
+
+
 @contextlib.contextmanager
 def replaced_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """The named linears of `module` compute with other weights W [out, in] (cast to their own dtype
@@ -167,15 +192,17 @@ class LayerData:
         return LayerData(self.index, self.module, self.family, batches, (), self.run, BatchSplit.whole(batches))
 
     def narrowed(self, dtype: torch.dtype) -> "LayerData":
-        """This view with its blocks run in `dtype` (`run_block`): a copy of the module in that dtype,
-        fed this view's block inputs cast to it. For searches that rank candidates by a block's output:
+        """This view run in `dtype` (`run`, `accumulate`, `run_block`): a copy of the module in that dtype,
+        fed this view's inputs cast to it. For searches that rank candidates by a block's output:
         on CPUs with bf16 matrix units a bf16 forward runs 2-3x faster than a float32 one. The module
         is left as it is; the copy's parameters are cast one at a time (no float32 copy of the layer)."""
         params = list(self.module.parameters()) + list(self.module.buffers())
         if all(p.dtype == dtype or not p.is_floating_point() for p in params):
             return self
         memo = {id(p): _cast_tensor(p, dtype) for p in params}
-        out = LayerData(self.index, copy.deepcopy(self.module, memo), self.family, self.batches, (), self.run, self.split)
+        module = copy.deepcopy(self.module, memo)
+        out = LayerData(self.index, module, self.family, self.batches, (), _run_instead(self.run, self.module, module, dtype),
+                        self.split)
         out._block_source = self
         return out
 
@@ -203,6 +230,8 @@ class LayerData:
     @torch.no_grad()
     def accumulate(self, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]) -> dict[str, str]:
         """Stream calibration inputs of the named linears to `fn(name, X [tokens, in])` without storing them.
+
+        X comes in the dtype the layer computes in (a `narrowed` view's: bf16 products are cheaper).
 
         Linears that share one input tensor (q, k, v) are reported once, under the first name.
         Returns name -> the name its input is reported under (itself for the first of a group).
@@ -243,14 +272,14 @@ class LayerData:
 
         dist = self.dist
         if dist is None or dist.world == 1:
-            self._stream(names, lambda n, X, j: add({n: contrib(n, X, j)}), self.batches, self.split.ids)
+            self._stream(names, lambda n, X, j: add({n: contrib(n, X.float(), j)}), self.batches, self.split.ids)
             return stack()
         local = dict(zip(self.split.ids, self.batches))
         for start in range(0, self.n_batches, dist.world):  # a round: batch start + r runs on rank r
             found: dict[str, dict[str, torch.Tensor]] = {}
             j = start + dist.rank
             if j in local:
-                self._stream(names, lambda n, X, j: found.__setitem__(n, contrib(n, X, j)), [local[j]], [j])
+                self._stream(names, lambda n, X, j: found.__setitem__(n, contrib(n, X.float(), j)), [local[j]], [j])
             for src in range(min(dist.world, self.n_batches - start)):
                 add(broadcast(dist, found if src == dist.rank else None, src))
         return stack()
@@ -268,7 +297,7 @@ class LayerData:
                 else:
                     seen[id(x)] = (n, x)  # holding x keeps its id from being reused by a later tensor
                     shared.setdefault(n, n)
-                    fn(n, x.reshape(-1, x.shape[-1]).float(), j)
+                    fn(n, x.reshape(-1, x.shape[-1]), j)
                 if len(reached) == len(names):  # the rest of the layer computes nothing asked for
                     raise _InputsSeen
             return hook
@@ -297,11 +326,18 @@ class LayerData:
                                          for args, kwargs in self._block_source.block_inputs(block)]
         if block not in self._block_inputs:
             calls: list[tuple[tuple, dict]] = []
-            h = self.module.get_submodule(block).register_forward_pre_hook(
-                lambda _m, args, kwargs: calls.append((args, dict(kwargs))), with_kwargs=True)
+
+            def record(_m, args, kwargs):
+                calls.append((args, dict(kwargs)))
+                raise _InputsSeen  # nothing after the block's inputs is needed
+
+            h = self.module.get_submodule(block).register_forward_pre_hook(record, with_kwargs=True)
             try:
                 for b in self.batches:
-                    self.run(b)
+                    try:
+                        self.run(b)
+                    except _InputsSeen:
+                        pass
             finally:
                 h.remove()
             self._block_inputs[block] = calls
