@@ -123,6 +123,30 @@ def test_a_solve_worse_than_rtn_keeps_rtn():
     assert not gptq_quantize(W, H, IntFormat(4, 32, False), group_aware=True).kept_rtn
 
 
+@pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"group_aware": True}, {"true_act_order": True}])
+def test_row_slices_on_threads_give_the_one_slice_result(opts, monkeypatch):
+    """A stack of matrices solved in row slices on two threads (a slice boundary inside a matrix) equals the
+    solve on one thread, up to float32 summation order in the block updates."""
+    import lowbit.algorithms.gptq as gptq_mod
+    W, _, H = _problem(out=90, inp=128, seed=5)
+    Ws = [W[:30], W[30:]]
+    fmt = IntFormat(4, 32, False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gptq_quantize_shared(Ws, H, fmt, **opts)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(gptq_mod, "MIN_SLICE_ROWS", 8)
+        assert gptq_mod._row_slices(W) == 2  # rows 0-44 and 45-89: the cut lies inside the second matrix
+        two = gptq_quantize_shared(Ws, H, fmt, **opts)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert (a.quantized.W_q != b.quantized.W_q).float().mean() < 0.005
+        assert b.loss == pytest.approx(a.loss, rel=1e-3)
+        assert (a.quantized.g_idx is None) == (b.quantized.g_idx is None)
+
+
 def _reference_gptq(W, H, fmt, damp=0.01):
     """Column-by-column OBS in float64 with the explicit inverse, downdated after each column
     (no Cholesky, no blocks): the textbook form GPTQ reorganizes. Groups fitted at their first column."""

@@ -29,6 +29,7 @@ Solver details (IST-DASLab's algorithm):
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -47,6 +48,7 @@ OBSERVERS = ("minmax", "mse")
 MSE_SHRINKS = tuple(1.0 - 0.01 * k for k in range(21))  # 1.00 … 0.80, as llm-compressor's mse observer
 MAX_ATTEMPTS = 5
 GRAM_TOKENS = 512  # tokens per 16-bit XᵀX product (see HessianSum.add)
+MIN_SLICE_ROWS = 512  # see _row_slices
 
 
 # -- make / accumulate ---------------------------------------------------------------------------
@@ -201,10 +203,9 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
     prepared = []
     for members, f in jobs:
         rows = [Ws[k].shape[0] for k in members]
-        fit = _row_split_fit(f, rows, observer, unit)
         W = torch.cat([Ws[k] for k in members])
-        static = fit(W, imp) if use_static else None
-        prepared.append((members, f, W if perm is None else W[:, perm], fit, static))
+        static = _row_split_fit(f, rows, observer, unit)(W, imp) if use_static else None
+        prepared.append((members, f, W if perm is None else W[:, perm], rows, static))
     if perm is not None:
         H = H[perm][:, perm]
     imp_p = imp if imp is None or perm is None else imp[perm]  # in processing order
@@ -215,8 +216,8 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
         if U is None:
             why = "Cholesky factorization failed"
         else:
-            solved = [_solve(W.clone(), U, f, gl, unit, block_size, fit, static, perm, imp_p)
-                      for _, f, W, fit, static in prepared]
+            solved = [_solve_in_row_slices(W, rows, U, f, gl, unit, block_size, observer, static, perm, imp_p)
+                      for _, f, W, rows, static in prepared]
             if all(torch.isfinite(qp.scale).all() and torch.isfinite(qp.zero).all() for _, qp in solved):
                 break
             why = "the solution was not finite"
@@ -317,6 +318,48 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor | None
     if not torch.isfinite(U).all():
         return None
     return U
+
+
+def _solve_in_row_slices(W: torch.Tensor, rows: list[int], U: torch.Tensor, fmt: Format, gl: int, unit: int,
+                         block_size: int, observer: str, static: QParams | None, perm: torch.Tensor | None,
+                         imp: torch.Tensor | None) -> tuple[torch.Tensor, QParams]:
+    """`_solve` of a row stack W [sum(rows), in] (matrices of `rows` rows each), cut into one row slice per
+    CPU thread and solved side by side: rows are independent given U, and grids are fitted per row, so
+    the result is the one-slice result. The column loop is too fine-grained for torch's own threads
+    (`one_cpu_thread`), so this is how a solve uses more than one core."""
+    n = _row_slices(W)
+    cuts = [W.shape[0] * k // n for k in range(n + 1)]
+
+    def solve_rows(a: int, b: int) -> tuple[torch.Tensor, QParams]:
+        fit = _row_split_fit(fmt, _rows_within(rows, a, b), observer, unit)
+        return _solve(W[a:b].clone(), U, fmt, gl, unit, block_size, fit,
+                      None if static is None else static.select(slice(a, b)), perm, imp)
+
+    if n == 1:
+        return solve_rows(0, W.shape[0])
+    with one_cpu_thread(W.device), ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(lambda ab: solve_rows(*ab), zip(cuts[:-1], cuts[1:])))
+    return (torch.cat([q for q, _ in parts]),
+            QParams(torch.cat([qp.scale for _, qp in parts]), torch.cat([qp.zero for _, qp in parts])))
+
+
+def _row_slices(W: torch.Tensor) -> int:
+    """Row slices to solve W in: one per CPU thread torch may use, each of at least MIN_SLICE_ROWS rows
+    (smaller slices spend their time on Python, one step per column, not on arithmetic)."""
+    if W.device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), W.shape[0] // MIN_SLICE_ROWS))
+
+
+def _rows_within(rows: list[int], a: int, b: int) -> list[int]:
+    """Row counts of the matrices of a stack (`rows` each) that fall within stack rows [a, b)."""
+    out, start = [], 0
+    for r in rows:
+        lo, hi = max(a, start), min(b, start + r)
+        if hi > lo:
+            out.append(hi - lo)
+        start += r
+    return out
 
 
 def _block_bounds(n_in: int, unit: int, block_size: int) -> list[int]:
