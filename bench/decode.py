@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=24)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--tag", default="h100")
+    ap.add_argument("--tune", action="store_true", help="W4 rows: Decoder.tune() (kernel configs timed in the step)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     props = torch.cuda.get_device_properties(0)
@@ -149,9 +150,19 @@ def main() -> None:
         hf4_tps, hf4 = hf_generate(model, prompt, args.hf_tokens)
         print(f"transformers eager W4: {hf4_tps:.1f} tok/s", flush=True)
         dec = Decoder(model, max_len)
+        tune_s = []
+
+        def tune() -> None:
+            if args.tune:
+                t = time.perf_counter()
+                dec.tune()
+                tune_s.append(time.perf_counter() - t)
+
+        tune()
         measure(f"lowbit W4 g{args.group_size} (lm_head fp16)", dec, hf4, hf4_tps)
         dec.lm_head = QuantLinear.from_linear(model.lm_head, fmt)
         dec.graph = None
+        tune()
         measure(f"lowbit W4 g{args.group_size} + W4 lm_head", dec, None, None)
 
     base = rows[0]["tok_s"]
@@ -162,7 +173,9 @@ def main() -> None:
             f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)",
             f"# model: random-weight Llama-3-8B shape, {args.layers} layers, fp16 activations; batch 1, "
             f"prompt {args.prompt_tokens} tokens, {args.new_tokens} greedy tokens timed (median of 3)",
-            "# path: lowbit.runtime.Decoder = static KV cache + fused step + CUDA graph per token, same for fp16 and W4",
+            "# path: lowbit.runtime.Decoder = static KV cache + fused step + CUDA graph per token, same for fp16 and W4"
+            + (f"; W4 kernel configs chosen by Decoder.tune() in the captured step ({', '.join(f'{t:.0f}' for t in tune_s)} s)"
+               if tune_s else "; W4 kernel configs timed per kernel (select_config)"),
             "# weights_GB = bytes read per token; bw = weights_GB / time; peak = torch max_memory_allocated in the "
             "timed run (includes the transformers model the decoder was built from)",
             "# hf_eager = transformers generate() with DynamicCache, "

@@ -250,10 +250,7 @@ class Decoder:
             _add_linear(L.o, attn, h)
             _add_linear(L.down, _norm_linear(L.gate_up, h, L.ln2, self.eps), h, glu=True)
         self.logits = _norm_linear(self.lm_head, h, self.norm, self.eps)  # [1, V]
-        nxt = self.logits.argmax(-1)
-        self.tokens.index_copy_(0, self.pos + 1, nxt)
-        self.tok.copy_(nxt)
-        self.pos.add_(1)
+        decode_ops.next_token_(self.logits, self.tok, self.tokens, self.pos)
 
     def _capture(self) -> None:
         self.pos.zero_()
@@ -267,6 +264,41 @@ class Decoder:
         with torch.cuda.graph(graph):
             self._step()
         self.graph = graph
+
+    @torch.inference_mode()
+    def tune(self, steps: int = 32) -> dict:
+        """Re-choose the W4 kernels' configurations by the time of the whole captured step (CUDA;
+        a no-op elsewhere or without QuantLinear layers). Returns shape key -> configuration.
+
+        Each candidate of one shape is timed over `steps` replays with the other shapes fixed, one
+        shape after another; the prompt state is reset (call before `prefill`)."""
+        if not (self.use_graph and torch.cuda.is_available() and self.embed.is_cuda):
+            return {}
+        from .kernels import triton_w4a16
+        with triton_w4a16.shapes_seen() as keys:
+            self.graph = None
+            self._capture()
+        if not keys:
+            return {}
+        steps = max(1, min(steps, self.max_len - 2))
+
+        def step_time() -> float:
+            self.graph = None
+            self._capture()
+            self.pos.zero_()
+            self.tok.zero_()
+            self.graph.replay()  # one replay out of the timing: the first after a capture is slower
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(steps):
+                self.graph.replay()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b)
+
+        chosen = triton_w4a16.retune(keys, step_time)
+        self.graph = None
+        return chosen
 
     def _run(self) -> None:
         if self.graph is not None:

@@ -244,6 +244,30 @@ def test_decode_ops_triton_equal_torch():
         assert rel_err(o, of) < 3e-3 and rel_err(kc, kf) < 2e-3 and rel_err(vc, vf) < 2e-3
 
 
+def _next_token_case(logits: torch.Tensor) -> tuple[int, int, int]:
+    tok, pos = torch.zeros(1, dtype=torch.long, device=logits.device), torch.tensor([5], device=logits.device)
+    tokens = torch.full((12,), -1, dtype=torch.long, device=logits.device)
+    decode_ops.next_token_(logits, tok, tokens, pos)
+    assert int(tokens[6]) == int(tok) and (tokens[:6] == -1).all() and (tokens[7:] == -1).all()
+    return int(tok), int(pos), int(tokens[6])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_next_token_is_first_argmax_and_advances(device):
+    """The decode step's bookkeeping: tok = tokens[pos + 1] = first maximum (NaN counts as one, as
+    torch.argmax has it), pos + 1; on CUDA a two-pass Triton reduction across block boundaries."""
+    V = 128256
+    logits = torch.randn(1, V, device=device).half()
+    for at in (0, 2047, 2048, 70001, V - 1):  # block edges of the Triton pass included
+        logits[0, at] = 50.0
+        assert _next_token_case(logits) == (at, 6, at)
+        logits[0, at] = 0.0
+    logits[0, 9000] = logits[0, 130] = 60.0  # a tie across blocks: the first index
+    assert _next_token_case(logits)[0] == 130
+    logits[0, 4242] = float("nan")
+    assert _next_token_case(logits)[0] == int(logits.float().argmax(-1)) == 4242
+
+
 def test_quantlinear_prologues_cpu():
     """The norm / glu inputs of QuantLinear (fused into the kernel on CUDA) on the CPU fallback."""
     lin = nn.Linear(128, 48)
@@ -275,3 +299,24 @@ def test_decoder_graph_gpu_matches_transformers(quantized):
     assert rel_err(eager.logits.float(), want) < 2e-2
     dec.prefill(ids)
     assert rel_err(dec.logits.float(), want) < 2e-2
+
+
+@needs_gpu
+def test_decoder_tune_keeps_tokens_and_picks_a_candidate_per_shape():
+    from transformers import LlamaConfig, AutoModelForCausalLM
+    from lowbit.kernels import triton_w4a16
+    from lowbit.runtime import Decoder, quantize_linears_
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    quantize_linears_(model, IntFormat(4, 64, sym=False, scale_dtype=torch.float16))
+    dec = Decoder(model, 48)
+    prompt = torch.randint(0, 512, (1, 5), device="cuda")
+    before = dec.generate(prompt, 12)
+    chosen = dec.tune(steps=8)
+    assert len(chosen) == 4  # qkv, o, gate_up, down (the lm_head stays float)
+    for key, c in chosen.items():
+        assert c in triton_w4a16._candidates_of(key)
+    assert torch.equal(dec.generate(prompt, 12), before)

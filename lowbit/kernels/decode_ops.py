@@ -69,3 +69,16 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
         return triton_decode.silu_mul(gu)
     g, u = gu.chunk(2, dim=-1)
     return F.silu(g) * u
+
+
+def next_token_(logits: torch.Tensor, tok: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor) -> None:
+    """Greedy step bookkeeping in place: tok = argmax(logits) (first maximum), tokens[pos + 1] = tok, pos += 1.
+
+    Shapes: logits [1, V]; tok, pos int64 [1]; tokens int64 [L + 1]."""
+    if _fast(logits) and logits.shape[0] == 1 and logits.is_contiguous():
+        from . import triton_decode
+        return triton_decode.next_token_(logits, tok, tokens, pos)
+    nxt = logits.argmax(-1)
+    tokens.index_copy_(0, pos + 1, nxt)
+    tok.copy_(nxt)
+    pos.add_(1)

@@ -132,3 +132,39 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     o = torch.empty(1, I, dtype=gu.dtype, device=gu.device)
     _silu_mul_kernel[(triton.cdiv(I, 1024),)](gu, o, I, BLOCK=1024, num_warps=4, **_pdl(gu))
     return o
+
+
+@triton.jit
+def _argmax_part_kernel(x_ptr, val_ptr, idx_ptr, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Maximum of one BLOCK of the row and the first index holding it."""
+    _pdl_start(PDL)
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)  # NaN wins, as in torch.argmax
+    tl.store(val_ptr + pid, tl.max(x, 0))
+    tl.store(idx_ptr + pid, pid * BLOCK + tl.argmax(x, 0, tie_break_left=True))
+
+
+@triton.jit
+def _argmax_next_kernel(val_ptr, idx_ptr, P, tok_ptr, tokens_ptr, pos_ptr, PB: tl.constexpr, PDL: tl.constexpr):
+    """The blocks' first maximum -> tok and tokens[pos + 1]; pos += 1."""
+    _pdl_start(PDL)
+    offs = tl.arange(0, PB)
+    v = tl.load(val_ptr + offs, mask=offs < P, other=float("-inf"))
+    idx = tl.load(idx_ptr + tl.argmax(v, 0, tie_break_left=True))
+    pos = tl.load(pos_ptr)
+    tl.store(tok_ptr, idx)
+    tl.store(tokens_ptr + pos + 1, idx)
+    tl.store(pos_ptr, pos + 1)
+
+
+def next_token_(logits: torch.Tensor, tok: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor) -> None:
+    V = logits.shape[-1]
+    block = 2048
+    P = triton.cdiv(V, block)
+    val = torch.empty(P, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(P, dtype=torch.int64, device=logits.device)
+    _argmax_part_kernel[(P,)](logits, val, idx, V, BLOCK=block, num_warps=8, **_pdl(logits))
+    _argmax_next_kernel[(1,)](val, idx, P, tok, tokens, pos, PB=triton.next_power_of_2(P), num_warps=4,
+                              **_pdl(logits))

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,8 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 _PDL: dict[int, bool] = {}
+TRIGGER = os.environ.get("LOWBIT_W4_TRIGGER", "0") == "1"  # experiment knobs (bench/decode.py variants)
+PREFETCH = int(os.environ.get("LOWBIT_W4_PREFETCH", "0"))
 
 
 def _asm(bf16: bool, nset: int) -> tuple[str, str]:
@@ -162,7 +166,8 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
                stride_om, up_off, eps,
                GS: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, NSET: tl.constexpr,
-               EMU: tl.constexpr, PDL: tl.constexpr, PRO: tl.constexpr):
+               EMU: tl.constexpr, PDL: tl.constexpr, PRO: tl.constexpr, TRIG: tl.constexpr = False,
+               PF: tl.constexpr = 0):
     """Yᵀ tile [BN, BM] += W_r tile [BN, K share] · Xᵀ [K share, BM], one 128-column span per step.
 
     PRO, what the X load computes first (saving the decode step a launch each):
@@ -190,6 +195,14 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
     offs_k = tl.arange(0, 128)
     w_off = offs_j[:, None] + offs_n[None, :] * 16  # [16, BN]: a row's 16 words are contiguous
     x_off = offs_m[None, :] * stride_xm + offs_k[:, None]  # [128, BM]
+    if PDL and PF > 0:  # weights do not depend on the previous kernel: start pulling them into L2
+        offs_l = tl.arange(0, BN // 2)  # one 128-byte line = 2 weight rows of a span
+        l_ok = pid_n * BN + 2 * offs_l < N
+        for f in tl.static_range(PF):
+            if t0 + f < t1:
+                lp = w_ptr + tl.cast(t0 + f, tl.int64) * N * 16 + pid_n * BN * 16 + tl.where(l_ok, offs_l * 32, 0)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [lp], dtype=tl.int32,
+                                          is_pure=False, pack=1)
     if PDL:  # X, the output and the split-K buffers are read only once the previous kernel is done
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -273,6 +286,8 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
             xt = (xf * gam.to(tl.float32)).to(DT)
         acc = tl.dot(tl.trans(w), xt, acc)
     ss = tl.sum(sq, axis=0)  # [BM]
+    if PDL and TRIG and (ATOMIC or not SPLIT):
+        tl.extra.cuda.gdc_launch_dependents()
     o_mask = m_mask[None, :] & n_mask[:, None]
     if ATOMIC:  # split-K by atomic adds into an output that is zero (or holds what to add to)
         tl.atomic_add(o_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(o_ptr.dtype.element_ty),
@@ -288,6 +303,8 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
         tl.debug_barrier()  # every thread's partial is written before the count (release, gpu scope)
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
+            if PDL and TRIG:
+                tl.extra.cuda.gdc_launch_dependents()
             tl.debug_barrier()
             acc = tl.zeros((BN, BM), dtype=tl.float32)
             ss = tl.zeros((BM,), dtype=tl.float32)
@@ -411,6 +428,7 @@ def launch(cfg: Config, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                      out.stride(0), K if glu else 0, float(eps),
                      GS=gs, ACC=accumulate, SPLIT=split > 1, ATOMIC=atomic, BM=cfg.BM, BN=cfg.BN,
                      EVEN_K=K % 128 == 0, NSET=nset, EMU=_EMULATE, PDL=pdl, PRO=pro,
+                     TRIG=TRIGGER, PF=PREFETCH if pdl else 0,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -440,6 +458,43 @@ def _bucket(M: int) -> int:
     return M if M <= 16 else min(_next_pow2(M), 4096)
 
 
+_SEEN: list[set] = []  # open `shapes_seen` records
+
+
+@contextmanager
+def shapes_seen() -> Iterator[set]:
+    """The shape keys `select_config` is asked for inside the block (for `retune`)."""
+    seen: set = set()
+    _SEEN.append(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN.remove(seen)
+
+
+def _candidates_of(key: tuple) -> list[Config]:
+    M, N, K, _G, _sym, _dt, device, pro = key
+    return [c for c in candidates(M, N, K, _sm_count(device)) if not (c.atomic and pro == PRO_RMS)]
+
+
+def retune(keys: Iterable[tuple], cost: Callable[[], float]) -> dict[tuple, Config]:
+    """Choose each shape's configuration again by `cost()` (e.g. the time of a captured decode step),
+    one shape at a time with the others at their current choice; returns the choices.
+
+    Timing a kernel alone (`select_config`) misses what surrounds it in a step: the previous kernel's
+    tail that programmatic dependent launch overlaps, X and the split-K buffers warm in L2."""
+    for key in sorted(keys, key=str):
+        best = None
+        for cfg in _candidates_of(key):
+            _TUNED[key] = cfg
+            t = cost()
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        _TUNED[key] = best[1]
+        log.info("w4a16 retuned N=%d K=%d: %s", key[1], key[2], best[1])
+    return {k: _TUNED[k] for k in keys}
+
+
 def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                   in_features: int, qparams: torch.Tensor | None = None,
                   norm: tuple[torch.Tensor, float] | None = None, glu: bool = False) -> Config:
@@ -447,10 +502,12 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     M, (G, N) = x.shape[0], scales.shape
     pro = _prologue(norm, glu)
     key = (_bucket(M), N, in_features, G, zeros is None, x.dtype, x.device, pro)
+    for seen in _SEEN:
+        seen.add(key)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    cands = [c for c in candidates(M, N, in_features, _sm_count(x.device)) if not (c.atomic and pro == PRO_RMS)]
+    cands = _candidates_of(key)
     if not AUTOTUNE or torch.cuda.is_current_stream_capturing():
         return cands[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
