@@ -1,4 +1,7 @@
-"""Decode-step variants on one random 8B-shaped model, interleaved: ms/token each (median of 3 x 128 tokens)."""
+"""Decode-step variants on one random 8B-shaped model, interleaved: ms/token each (median of 3 x 128 tokens).
+
+The table of 2026-12-07 in bench/results/decode_h100.txt came from this script with two more knobs, the
+"pf" rows (an L2 prefetch the W4 kernel no longer has: it lost everywhere)."""
 import gc, sys, time, json, os
 import torch
 sys.path.insert(0, "bench")
@@ -24,8 +27,8 @@ def ms(dec):
     tps, toks = time_decoder(dec, prompt, N_TOK)
     return 1e3 / tps, toks
 
-def variant(name, dec, trig=False, pf=0, argmax="triton"):
-    tw.TRIGGER, tw.PREFETCH = trig, pf
+def variant(name, dec, trig=False, argmax="triton"):
+    tw.TRIGGER = trig
     decode_ops.next_token_ = triton_next if argmax == "triton" else torch_next
     dec.graph = None
     t, toks = ms(dec)
@@ -45,9 +48,7 @@ with torch.inference_mode():
     gc.collect(); torch.cuda.empty_cache()
     dec = Decoder(model, max_len)
     dec.lm_head = QuantLinear.from_linear(model.lm_head, fmt)
-    VARS = [("w4 base torch-argmax", dict(argmax="torch")), ("w4 base", {}), ("w4 trig", dict(trig=True)),
-            ("w4 pf2", dict(pf=2)), ("w4 trig pf1", dict(trig=True, pf=1)), ("w4 trig pf2", dict(trig=True, pf=2)),
-            ("w4 trig pf4", dict(trig=True, pf=4))]
+    VARS = [("w4 base torch-argmax", dict(argmax="torch")), ("w4 base", {}), ("w4 trig", dict(trig=True))]
     ref = None
     for rep in range(2):
         for name, kw in VARS:
@@ -57,7 +58,7 @@ with torch.inference_mode():
             elif not torch.equal(toks, ref):
                 print(f"  !! {name} tokens differ", flush=True)
     # in-graph tuning (Decoder.tune): coordinate descent over the W4 shapes inside the captured step
-    tw.TRIGGER, tw.PREFETCH = False, 0
+    tw.TRIGGER = False
     decode_ops.next_token_ = triton_next
     iso = dict(tw._TUNED)
     t0 = time.time()
@@ -71,11 +72,8 @@ with torch.inference_mode():
         variant("w4 isolated-tuned", dec)
         tw._TUNED.update(ingraph)
         variant("w4 ingraph-tuned", dec)
-        variant("w4 ingraph-tuned trig pf2", dec, trig=True, pf=2)
+        variant("w4 ingraph-tuned trig", dec, trig=True)
     print(json.dumps({k: sorted(v) for k, v in res.items()}, indent=1))
-    knobs = {"w4 base": (0, 0), "w4 trig": (1, 0), "w4 pf2": (0, 2), "w4 trig pf1": (1, 1), "w4 trig pf2": (1, 2),
-             "w4 trig pf4": (1, 4)}
-    best = min(knobs, key=lambda k: min(res[k]))
-    open(os.path.join(out, "best.env"), "w").write(
-        f"export LOWBIT_W4_TRIGGER={knobs[best][0]} LOWBIT_W4_PREFETCH={knobs[best][1]}\n")
+    best = min(["w4 ingraph-tuned", "w4 ingraph-tuned trig"], key=lambda k: min(res[k]))
+    open(os.path.join(out, "best.env"), "w").write(f"export LOWBIT_W4_TRIGGER={int('trig' in best)}\n")
     print("best:", best, flush=True)

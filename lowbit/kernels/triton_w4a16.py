@@ -69,8 +69,11 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 _PDL: dict[int, bool] = {}
-TRIGGER = os.environ.get("LOWBIT_W4_TRIGGER", "0") == "1"  # experiment knobs (bench/decode.py variants)
-PREFETCH = int(os.environ.get("LOWBIT_W4_PREFETCH", "0"))
+# The tile's last program lets the next kernel launch before its epilogue (PDL). Off by default: on the H100 it
+# took the untuned W4 decode step from 2.515 to 2.451 ms/token, but it is unmeasured with Decoder.tune's choices
+# (bench/results/decode_h100.txt, 2026-12-07). An L2 prefetch of the first weight spans before gdc_wait was
+# measured the same day and removed: 2.63 ms/token (2 spans) against 2.515.
+TRIGGER = os.environ.get("LOWBIT_W4_TRIGGER", "0") == "1"
 
 
 def _asm(bf16: bool, nset: int) -> tuple[str, str]:
@@ -166,8 +169,7 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
                stride_om, up_off, eps,
                GS: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, NSET: tl.constexpr,
-               EMU: tl.constexpr, PDL: tl.constexpr, PRO: tl.constexpr, TRIG: tl.constexpr = False,
-               PF: tl.constexpr = 0):
+               EMU: tl.constexpr, PDL: tl.constexpr, PRO: tl.constexpr, TRIG: tl.constexpr = False):
     """Yᵀ tile [BN, BM] += W_r tile [BN, K share] · Xᵀ [K share, BM], one 128-column span per step.
 
     PRO, what the X load computes first (saving the decode step a launch each):
@@ -195,14 +197,6 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
     offs_k = tl.arange(0, 128)
     w_off = offs_j[:, None] + offs_n[None, :] * 16  # [16, BN]: a row's 16 words are contiguous
     x_off = offs_m[None, :] * stride_xm + offs_k[:, None]  # [128, BM]
-    if PDL and PF > 0:  # weights do not depend on the previous kernel: start pulling them into L2
-        offs_l = tl.arange(0, BN // 2)  # one 128-byte line = 2 weight rows of a span
-        l_ok = pid_n * BN + 2 * offs_l < N
-        for f in tl.static_range(PF):
-            if t0 + f < t1:
-                lp = w_ptr + tl.cast(t0 + f, tl.int64) * N * 16 + pid_n * BN * 16 + tl.where(l_ok, offs_l * 32, 0)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [lp], dtype=tl.int32,
-                                          is_pure=False, pack=1)
     if PDL:  # X, the output and the split-K buffers are read only once the previous kernel is done
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -428,7 +422,7 @@ def launch(cfg: Config, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                      out.stride(0), K if glu else 0, float(eps),
                      GS=gs, ACC=accumulate, SPLIT=split > 1, ATOMIC=atomic, BM=cfg.BM, BN=cfg.BN,
                      EVEN_K=K % 128 == 0, NSET=nset, EMU=_EMULATE, PDL=pdl, PRO=pro,
-                     TRIG=TRIGGER, PF=PREFETCH if pdl else 0,
+                     TRIG=TRIGGER,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return out
 
