@@ -59,3 +59,20 @@ def test_output_is_smaller_and_documented(rtn_outputs, smollm2):
     src = (smollm2 / "model.safetensors").stat().st_size
     assert (ct / "model.safetensors").stat().st_size < 0.4 * src
     assert meta["peak_memory"]["rss_bytes"] > 0 and meta["timings"]["total_s"] > 0
+
+
+@pytest.mark.parametrize("exact_channels", [0, None])
+def test_gptq_bf16_hessians_need_no_extra_dampening(smollm2, tmp_path, monkeypatch, exact_channels):
+    """Layer 0's o_proj input is nearly singular: from 16-bit products alone (no exact channels) its
+    H + 1% dampening is not positive definite and GPTQ retries at 10%, which doubles that linear's loss;
+    the float32 rows of the loudest channels (gptq.HessianSum) keep every H factorizable as asked."""
+    import lowbit.algorithms.gptq as gptq_mod
+    if exact_channels is not None:
+        monkeypatch.setattr(gptq_mod, "EXACT_CHANNELS", exact_channels)
+    out = lowbit.quantize(smollm2, tmp_path / "g", method="gptq", group_size=64, layers="0", n_calib=32,
+                          export_format="fake", progress=False)
+    retried = json.loads((out / "lowbit.json").read_text())["layer_stats"]["00000"].get("damp", {})
+    if exact_channels == 0:
+        assert "self_attn.o_proj" in retried
+    else:
+        assert not retried

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 OBSERVERS = ("minmax", "mse")
 MSE_SHRINKS = tuple(1.0 - 0.01 * k for k in range(21))  # 1.00 … 0.80, as llm-compressor's mse observer
 MAX_ATTEMPTS = 5
-GRAM_TOKENS = 512  # tokens per 16-bit XᵀX product (see HessianSum.add)
+GRAM_TOKENS = 512  # tokens per 16-bit XᵀX product (see HessianSum)
+EXACT_CHANNELS = 16  # channels whose rows and columns of a 16-bit XᵀX are summed in float32 (see HessianSum)
 MIN_SLICE_ROWS = 512  # see _row_slices
 
 
@@ -55,24 +56,35 @@ MIN_SLICE_ROWS = 512  # see _row_slices
 class HessianSum:
     """Running H = 2 XᵀX / n of one linear input.
 
+    16-bit X on a CPU (a `--hessian-dtype bfloat16` forward): XᵀX from 16-bit products, which the CPU's
+    matrix units run ~10x faster than float32 ones (they accumulate in float32, but torch rounds each
+    product to 16 bits), summed in float32 over chunks of GRAM_TOKENS tokens: ~3e-4 of H. That is enough
+    to tip a nearly singular H (o_proj's input in early layers) out of positive definiteness where a few
+    channels carry most of the energy, so the rows and columns of the EXACT_CHANNELS channels with the
+    largest x² in the first chunk are also summed in float32 and replace the 16-bit ones (every H of
+    SmolLM2 and Qwen2.5-0.5B then factorizes at damp 0.01; without, 2 of 120 and 7 of 96 did not).
+
     Shapes: X [tokens, in] -> H [in, in] (float32, on X's device).
     """
 
     def __init__(self) -> None:
         self.XtX: torch.Tensor | None = None
         self.n_tokens = 0
+        self.exact: torch.Tensor | None = None  # the channels summed in float32, [k]
+        self.exact_cols: torch.Tensor | None = None  # Σ Xᵀ X[:, exact] in float32, [in, k]
 
     def add(self, X: torch.Tensor) -> None:
         assert X.dim() == 2, f"X must be [tokens, in], got {tuple(X.shape)}"
         if self.XtX is None:
             self.XtX = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
         if X.dtype in (torch.bfloat16, torch.float16) and X.device.type == "cpu":
-            # CPU matrix units multiply 16-bit inputs ~10x faster than float32, accumulating in float32,
-            # but torch rounds the product to 16 bits: summed over chunks of GRAM_TOKENS the error stays
-            # ~3e-4 of H (with 16k tokens), far below the dampening; the down_proj input's XᵀX was half of
-            # Qwen2.5-0.5B's GPTQ time in float32
+            if self.exact is None:
+                energy = X[:GRAM_TOKENS].float().pow(2).sum(0)
+                self.exact = torch.topk(energy, min(EXACT_CHANNELS, X.shape[1])).indices
+                self.exact_cols = torch.zeros(X.shape[1], len(self.exact), dtype=torch.float32, device=X.device)
             for part in X.split(GRAM_TOKENS):
                 self.XtX += (part.T @ part).float()
+                self.exact_cols.addmm_(part.T.float(), part[:, self.exact].float())
         else:
             X = X.float()
             self.XtX.addmm_(X.T, X)
@@ -81,7 +93,12 @@ class HessianSum:
     def hessian(self) -> torch.Tensor:
         if self.XtX is None or self.n_tokens == 0:
             raise LowbitError("no calibration tokens reached this input; GPTQ needs calibration data")
-        return self.XtX * (2.0 / self.n_tokens)
+        XtX = self.XtX
+        if self.exact is not None:
+            XtX = XtX.clone()
+            XtX[:, self.exact] = self.exact_cols
+            XtX[self.exact, :] = self.exact_cols.T
+        return XtX * (2.0 / self.n_tokens)
 
 
 def collect_hessians(layer, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -93,6 +110,7 @@ def collect_hessians(layer, names: Sequence[str]) -> tuple[dict[str, torch.Tenso
     sums: dict[str, HessianSum] = {}
     shared = layer.accumulate(list(names), lambda n, X: sums.setdefault(n, HessianSum()).add(X))
     for s in sums.values():  # calibration batches split over processes: add up every process's share
+        assert s.exact is None or layer.dist is None, "16-bit Hessians pick their exact channels per process"
         s.XtX, s.n_tokens = layer.sum_over_processes(s.XtX), layer.sum_over_processes(s.n_tokens)
     return {n: s.hessian() for n, s in sums.items()}, dict(shared or {})
 
@@ -615,8 +633,11 @@ class GPTQ(Method):
     def hessian_view(self, layer, fmt: Formats):
         """The layer the Hessians' forward passes run on: a bf16 copy under --hessian-dtype auto where the
         awq search would use one (`awq.search_dtype`): on CPUs with bf16 matrix units several times faster,
-        and bf16 inputs are what GPTQModel's H is made of on such a CPU."""
+        and bf16 inputs are what GPTQModel's H is made of on such a CPU. Not for CPU processes under
+        torchrun, which sum their Hessians (see HessianSum)."""
         narrow = search_dtype(self.options["hessian_dtype"], layer, fmt)
+        if layer.dist is not None and next(layer.module.parameters()).device.type == "cpu":
+            narrow = None  # processes would each pick other exact channels (HessianSum): float32 products
         return layer if narrow is None else layer.narrowed(narrow)
 
     def quantize_sequentially(self, layer, fmt: Formats) -> LayerResult:
