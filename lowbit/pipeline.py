@@ -258,15 +258,34 @@ def _calibration_batches(model: StreamedModel, method: Method, cfg: QuantizeConf
 
 
 def _free_large_blocks_at_once() -> None:
-    """Have glibc map every allocation over 1 MiB on its own and unmap it when freed. By default its
-    threshold climbs with the sizes freed, after which freed weight-sized temporaries stay in the heap and
-    the resident size of a layer-by-layer run creeps up by gigabytes; the cost is a page fault per
-    fresh page, small next to the arithmetic done on such tensors."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixes it: no more climbing)
-        except (OSError, AttributeError):  # another C library (musl): nothing to tune
-            pass
+    """Have glibc map every allocation over 32 MiB on its own and unmap it when freed, and keep the
+    smaller ones' heap between layers (`_return_free_heap` gives it back after each layer). By default
+    the map threshold climbs with the sizes freed, after which freed weight-sized temporaries stay in
+    the heap and the resident size of a layer-by-layer run creeps up by gigabytes. A lower threshold
+    (1 MiB before 2026-12-07) pays a page fault per fresh page of every activation-sized temporary:
+    GPTQ on SmolLM2 spent 55 of its 85 s in the kernel (now 8 of 54 s, peak RSS 0.71 -> 1.0 GB)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (the largest glibc takes; fixes it: no more climbing)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: no trimming of the heap top between allocations
+
+
+def _return_free_heap() -> None:
+    """Give the heap's free pages back to the system (between layers: see `_free_large_blocks_at_once`)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # another C library (musl) may lack them: nothing to tune
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batches: list[Batch], split: BatchSplit,
@@ -293,6 +312,7 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batch
                     for b in batches:
                         b.hidden = _checked(model.run_layer(i, b), f"layer {i} output")
                 model.release(model.layer_path(i))
+                _return_free_heap()
     finally:
         writer.close()
     bar.close()

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 OBSERVERS = ("minmax", "mse")
 MSE_SHRINKS = tuple(1.0 - 0.01 * k for k in range(21))  # 1.00 … 0.80, as llm-compressor's mse observer
 MAX_ATTEMPTS = 5
-GRAM_TOKENS = 512  # tokens per 16-bit XᵀX product (see HessianSum)
-EXACT_CHANNELS = 16  # channels whose rows and columns of a 16-bit XᵀX are summed in float32 (see HessianSum)
+GRAM_TOKENS = 2048  # tokens per 16-bit XᵀX product (see HessianSum)
+EXACT_CHANNELS = 64  # channels whose rows and columns of a 16-bit XᵀX are summed in float32 (see HessianSum)
 MIN_SLICE_ROWS = 512  # see _row_slices
 
 
@@ -58,11 +58,13 @@ class HessianSum:
 
     16-bit X on a CPU (a `--hessian-dtype bfloat16` forward): XᵀX from 16-bit products, which the CPU's
     matrix units run ~10x faster than float32 ones (they accumulate in float32, but torch rounds each
-    product to 16 bits), summed in float32 over chunks of GRAM_TOKENS tokens: ~3e-4 of H. That is enough
+    product to 16 bits), summed in float32 over chunks of GRAM_TOKENS tokens: ~5e-4 of H. That is enough
     to tip a nearly singular H (o_proj's input in early layers) out of positive definiteness where a few
     channels carry most of the energy, so the rows and columns of the EXACT_CHANNELS channels with the
-    largest x² in the first chunk are also summed in float32 and replace the 16-bit ones (every H of
-    SmolLM2 and Qwen2.5-0.5B then factorizes at damp 0.01; without, 2 of 120 and 7 of 96 did not).
+    largest x² in the first chunk are also summed in float32 and replace the 16-bit ones: with them every
+    H of Qwen2.5-0.5B factorizes at damp 0.01, without them 11 of its 96 did not (with 2048-token chunks;
+    16 channels and 4096-token chunks still left 7; each chunk's product is written out in full, so
+    smaller chunks cost memory traffic: 512 made XᵀX a fifth of Qwen's GPTQ time).
 
     Shapes: X [tokens, in] -> H [in, in] (float32, on X's device).
     """
@@ -133,6 +135,7 @@ class GPTQResult:
     group of every input column) when the groups are not contiguous (true act order).
     loss: ||(W − W_r) X||² / n_tokens = tr(ΔW H ΔWᵀ) / 2, with the undamped H.
     damp: the dampening used, relative to mean(diag H) (larger than asked after a retry).
+    rtn_loss: the same loss for round-to-nearest on the observer's grid.
     kept_rtn: GPTQ's loss was above round-to-nearest's on the same H (dynamic groups refitted on
     weights the error feedback pushed off the grid can do that at 2 bits), so `quantized` is RTN's.
     """
@@ -140,6 +143,7 @@ class GPTQResult:
     quantized: QuantizedTensor
     loss: float
     damp: float
+    rtn_loss: float
     kept_rtn: bool = False
 
 
@@ -267,13 +271,13 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
             if not torch.isfinite(W_r).all():  # unreachable for finite grids; never let a NaN out
                 raise LowbitError("GPTQ produced a non-finite reconstruction")
             loss = reconstruction_loss(Ws_in[k], W_r, H_orig)
-            if g_idx is None:  # (a g_idx is shared by the rows solved with it: no linear leaves that order)
-                rtn = _round_to_nearest(Ws_in[k], f, observer, unit, imp)
-                rtn_loss = reconstruction_loss(Ws_in[k], rtn.dequantize(), H_orig)
-                if rtn_loss < loss:
-                    results[k] = GPTQResult(rtn, rtn_loss, d, kept_rtn=True)
-                    continue
-            results[k] = GPTQResult(qt, loss, d)
+            rtn = _round_to_nearest(Ws_in[k], f, observer, unit, imp)
+            rtn_loss = reconstruction_loss(Ws_in[k], rtn.dequantize(), H_orig)
+            # (a g_idx is shared by the rows solved with it: no linear leaves that order for RTN's)
+            if g_idx is None and rtn_loss < loss:
+                results[k] = GPTQResult(rtn, rtn_loss, d, rtn_loss, kept_rtn=True)
+            else:
+                results[k] = GPTQResult(qt, loss, d, rtn_loss)
     return results  # type: ignore[return-value]
 
 
@@ -350,7 +354,7 @@ def _solve_in_row_slices(W: torch.Tensor, rows: list[int], U: torch.Tensor, fmt:
 
     def solve_rows(a: int, b: int) -> tuple[torch.Tensor, QParams]:
         fit = _row_split_fit(fmt, _rows_within(rows, a, b), observer, unit)
-        return _solve(W[a:b].clone(), U, fmt, gl, unit, block_size, fit,
+        return _solve(W[a:b], U, fmt, gl, unit, block_size, fit,
                       None if static is None else static.select(slice(a, b)), perm, imp)
 
     if n == 1:
@@ -394,26 +398,32 @@ def _block_bounds(n_in: int, unit: int, block_size: int) -> list[int]:
 def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, block_size: int,
            fit: Callable[..., QParams], static: QParams | None,
            perm: torch.Tensor | None, imp: torch.Tensor | None = None) -> tuple[torch.Tensor, QParams]:
-    """The column loop. W [out, in] (columns in processing order, updated in place); U [in, in].
+    """The column loop. W [out, in] (columns in processing order; not changed); U [in, in].
 
     Returns codes [out, in] in processing order and the grid: `static` as given, or the groups
     fitted along the loop (group k covering processed columns [k·gl, (k+1)·gl)), `unit`
     columns (one or more whole groups) at a time.
+
+    It works on Wᵀ, the grid's transpose and the codes' transpose, so that each column step reads and
+    writes contiguous rows: on W itself a column is one float per cache line, and on Qwen2.5-0.5B's
+    9728-row gate+up stack the column steps' elementwise work took most of the loop.
     """
     n_out, n_in = W.shape
     n_groups = n_in // gl
+    WT = W.T.contiguous()  # [in, out], updated in place
     if static is not None:
         col_group = torch.arange(n_in, device=W.device) if perm is None else perm.to(W.device)
         col_group = (col_group // gl).tolist()
-        scale, zero = static.scale, static.zero
+        scaleT, zeroT = static.scale.T.contiguous(), static.zero.T.contiguous()  # [n_groups, out]
     else:
-        scale = torch.zeros(n_out, n_groups, dtype=torch.float32, device=W.device)
-        zero = torch.zeros_like(scale)
-    W_q: torch.Tensor | None = None
+        scaleT = torch.zeros(n_groups, n_out, dtype=torch.float32, device=W.device)
+        zeroT = torch.zeros_like(scaleT)
+    W_qT: torch.Tensor | None = None
     bounds = _block_bounds(n_in, unit, block_size) + [n_in]
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2]  # [block, out]
         U1 = U[i1:i2, i1:i2]
+        inv_diag = (1.0 / torch.diagonal(U1)).tolist()
         Err1 = torch.empty_like(W1)
         with one_cpu_thread(W.device):  # a column's steps are too small to share out over threads
             for i in range(i2 - i1):
@@ -424,24 +434,24 @@ def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, bl
                     g = j // gl
                     if j % unit == 0:
                         if j + unit <= i2:
-                            cols = W1[:, i:i + unit]
-                        else:  # the unit spans later blocks; it starts this block, so W is up to date here
+                            cols = W1[i:i + unit]
+                        else:  # the unit spans later blocks; it starts this block, so WT is up to date here
                             assert i == 0
-                            cols = W[:, j:j + unit]
-                        qp = fit(cols, None if imp is None else imp[j:j + unit])
-                        scale[:, g:g + unit // gl], zero[:, g:g + unit // gl] = qp.scale, qp.zero
-                s, z = scale[:, g:g + 1], zero[:, g:g + 1]
-                w = W1[:, i:i + 1]
+                            cols = WT[j:j + unit]
+                        qp = fit(cols.T.contiguous(), None if imp is None else imp[j:j + unit])
+                        scaleT[g:g + unit // gl], zeroT[g:g + unit // gl] = qp.scale.T, qp.zero.T
+                s, z = scaleT[g:g + 1], zeroT[g:g + 1]
+                w = W1[i:i + 1]  # [1, out]
                 q = fmt.quantize_elementwise(w, s, z)
-                if W_q is None:
-                    W_q = torch.empty((n_out, n_in), dtype=q.dtype, device=W.device)
-                W_q[:, j:j + 1] = q
-                err = (w - fmt.dequantize_elementwise(q, s, z)) / U1[i, i]
-                W1[:, i + 1:].addmm_(err, U1[i:i + 1, i + 1:], alpha=-1.0)
-                Err1[:, i:i + 1] = err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-    assert W_q is not None
-    return W_q, QParams(scale, zero)
+                if W_qT is None:
+                    W_qT = torch.empty((n_in, n_out), dtype=q.dtype, device=W.device)
+                W_qT[j:j + 1] = q
+                err = (w - fmt.dequantize_elementwise(q, s, z)).mul_(inv_diag[i])
+                W1[i + 1:].addmm_(U1[i, i + 1:, None], err, alpha=-1.0)
+                Err1[i:i + 1] = err
+        WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+    assert W_qT is not None
+    return W_qT.T.contiguous(), QParams(scaleT.T.contiguous(), zeroT.T.contiguous())
 
 
 def _round_to_nearest(W: torch.Tensor, fmt: Format, observer: str, unit: int,
@@ -542,13 +552,10 @@ def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tens
         out = weights[n].shape[0]
         return slice(out * part // of, out * (part + 1) // of)
 
-    def solve(job: tuple[tuple[str, str], int]) -> tuple[list[GPTQResult], list[float]]:
+    def solve(job: tuple[tuple[str, str], int]) -> list[GPTQResult]:
         key, part = job
         names, H, of = by_input[key], hessians[key[0]], cuts(key)
-        Ws = [weights[n][rows(n, part, of)] for n in names]
-        f = fmts[names[0]]
-        return (gptq_quantize_shared(Ws, H, f, **options),
-                [reconstruction_loss(W, f.fake_quantize(W), H) for W in Ws])
+        return gptq_quantize_shared([weights[n][rows(n, part, of)] for n in names], H, fmts[names[0]], **options)
 
     def cost(job: tuple[tuple[str, str], int]) -> float:  # the column loop's updates plus the inverse
         key, _ = job
@@ -559,11 +566,10 @@ def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tens
     done = map_inputs(jobs, solve, cost)
     solved = {key: _join_rows([done[(key, part)] for part in range(cuts(key))]) for key in by_input}
     for key, names in by_input.items():
-        results, rtn_losses = solved[key]
-        for n, r, rtn_loss in zip(names, results, rtn_losses):
+        for n, r in zip(names, solved[key]):
             quantized[n] = r.quantized
             stats["loss"][n] = r.loss
-            stats["rtn_loss"][n] = rtn_loss
+            stats["rtn_loss"][n] = r.rtn_loss
             if r.kept_rtn:
                 stats.setdefault("rtn_kept", []).append(n)
             if r.damp != options.get("damp", 0.01):
@@ -571,20 +577,20 @@ def solve_layer(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tens
     return LayerResult({n: quantized[n] for n in weights}, stats=stats)
 
 
-def _join_rows(pieces: list[tuple[list[GPTQResult], list[float]]]) -> tuple[list[GPTQResult], list[float]]:
+def _join_rows(pieces: list[list[GPTQResult]]) -> list[GPTQResult]:
     """Row slices of the same linears' solves, stacked back (losses add up over rows)."""
     if len(pieces) == 1:
         return pieces[0]
     results = []
-    for per_part in zip(*(r for r, _ in pieces)):
+    for per_part in zip(*pieces):
         first = per_part[0].quantized
         qt = QuantizedTensor(torch.cat([p.quantized.W_q for p in per_part]),
                              QParams(torch.cat([p.quantized.qparams.scale for p in per_part]),
                                      torch.cat([p.quantized.qparams.zero for p in per_part])),
                              first.format, first.g_idx)
         results.append(GPTQResult(qt, sum(p.loss for p in per_part), max(p.damp for p in per_part),
-                                  any(p.kept_rtn for p in per_part)))
-    return results, [sum(x) for x in zip(*(l for _, l in pieces))]
+                                  sum(p.rtn_loss for p in per_part), any(p.kept_rtn for p in per_part)))
+    return results
 
 
 class GPTQ(Method):
