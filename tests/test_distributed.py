@@ -29,7 +29,8 @@ RUNS = {
     "rtn": dict(method="rtn", **CALIB),
     "awq": dict(method="awq", search_tokens=96, **{**CALIB, "seq_len": 16}),
     "awq-joint": dict(method="awq-joint", **CALIB),  # candidates (α, clip) split over processes
-    "gptq": dict(method="gptq", export_format="fake", **CALIB),  # dequantized: codes and grids in one number
+    # dequantized: codes and grids in one number; float32 Hessians, which processes always use (GPTQ.hessian_view)
+    "gptq": dict(method="gptq", export_format="fake", hessian_dtype="model", **CALIB),
 }
 # GPTQ: per tensor, the share of weights that moved by more than 1e-3 of the tensor's largest (a code
 # flipped). Reduction-order noise moves grids by ulps and may flip a rare code; other data flips many.
