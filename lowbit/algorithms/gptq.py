@@ -215,12 +215,11 @@ def gptq_quantize_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, fmt: Forma
 
     if group_aware:
         perm = group_aware_order(torch.diag(H), gl, unit)
-        act_order = False
     elif act_order or true_act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
     else:
         perm = None
-    use_static = static_groups or (act_order and not true_act_order)
+    use_static = static_groups or (act_order and not true_act_order and not group_aware)
     imp = torch.diag(H_orig) / 2 if importance and fmt.uses_importance else None  # E[x²] per column
     prepared = []
     for members, f in jobs:
@@ -451,7 +450,7 @@ def _solve(W: torch.Tensor, U: torch.Tensor, fmt: Format, gl: int, unit: int, bl
                 Err1[i:i + 1] = err
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
     assert W_qT is not None
-    return W_qT.T.contiguous(), QParams(scaleT.T.contiguous(), zeroT.T.contiguous())
+    return W_qT.T.contiguous(), static if static is not None else QParams(scaleT.T.contiguous(), zeroT.T.contiguous())
 
 
 def _round_to_nearest(W: torch.Tensor, fmt: Format, observer: str, unit: int,
