@@ -201,8 +201,8 @@ class LayerData:
             return self
         memo = {id(p): _cast_tensor(p, dtype) for p in params}
         module = copy.deepcopy(self.module, memo)
-        out = LayerData(self.index, module, self.family, self.batches, (), _run_instead(self.run, self.module, module, dtype),
-                        self.split)
+        run = _run_instead(self.run, self.module, module, dtype)
+        out = LayerData(self.index, module, self.family, self.batches, (), run, self.split)
         out._block_source = self
         return out
 
