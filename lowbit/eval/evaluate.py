@@ -38,7 +38,9 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     model_dir = resolve_model_dir(path)
     try:
         with packed_zero_point_on_meta():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            # use_kernels=False: transformers would otherwise swap layers for hub kernels on CUDA
+            # (a download, and other numerics for the base than for what we compare it with)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_kernels=False)
     except Exception as e:
         raise LowbitError(f"transformers could not load {model_dir} ({type(e).__name__}: {e})") from e
     return model.to(device).eval(), model_dir
