@@ -17,6 +17,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -305,12 +306,14 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batch
             for i in chunk:
                 model.materialize(model.layer_path(i))
             for i in chunk:
+                narrow = None
                 if i in selected:
-                    _quantize_one_layer(model, method, fmt, batches, split, i, layers_dir, writer)
+                    narrow = _quantize_one_layer(model, method, fmt, batches, split, i, layers_dir, writer)
                     bar.update(1)
                 if batches and (i + 1 < stop or cfg.quantize_lm_head):
+                    run = _layer_forward(model, i, batches, split, narrow)
                     for b in batches:
-                        b.hidden = _checked(model.run_layer(i, b), f"layer {i} output")
+                        b.hidden = _checked(run(b), f"layer {i} output")
                 model.release(model.layer_path(i))
                 _return_free_heap()
     finally:
@@ -352,22 +355,25 @@ class _PlanWriter:
 
 
 def _quantize_one_layer(model: StreamedModel, method: Method, fmt: FormatMap, batches: list[Batch], split: BatchSplit,
-                        i: int, layers_dir: Path, writer: "_PlanWriter") -> None:
+                        i: int, layers_dir: Path, writer: "_PlanWriter") -> torch.dtype | None:
+    """Quantize (or resume) layer i and put its reconstructed weights in; returns the dtype its outputs
+    are to be computed in for the next layer (`Method.propagation_dtype`; None: the layer's own)."""
     path = model.layer_path(i)
     module = model.layers[i]
     plan_file = layers_dir / f"{i:05d}.safetensors"
     main = split.dist is None or split.dist.is_main
+    names = model.linear_names(i)
+    data = LayerData(i, module, model.family, batches, names, run=lambda b, i=i: model.run_layer(i, b),
+                     split=split, disposable=True)  # `_apply` below puts its weights back
+    layer_fmt = fmt.for_layer(path, {n: tuple(W.shape) for n, W in data.weights.items()})
+    narrow = method.propagation_dtype(data, layer_fmt) if batches else None
     if broadcast(split.dist, main and plan_file.is_file(), 0):  # rank 0 owns the plan files
         quantized, updates = broadcast(split.dist, load_layer(plan_file, fmt) if main else None, 0)
         log.info("layer %d: resumed from %s", i, plan_file.name)
     else:
-        names = model.linear_names(i)
-        data = LayerData(i, module, model.family, batches, names, run=lambda b, i=i: model.run_layer(i, b),
-                         split=split, disposable=True)  # `_apply` below puts its weights back
         for n, W in data.weights.items():
             _checked(W, f"{path}.{n}.weight")
-        shapes = {n: tuple(W.shape) for n, W in data.weights.items()}
-        result = method.quantize_layer(data, fmt.for_layer(path, shapes))
+        result = method.quantize_layer(data, layer_fmt)
         quantized = {f"{path}.{n}": qt for n, qt in result.quantized.items()}
         updates = {f"{path}.{n}": t for n, t in result.updates.items()}
         if main:
@@ -375,6 +381,22 @@ def _quantize_one_layer(model: StreamedModel, method: Method, fmt: FormatMap, ba
         if result.stats:
             log.info("layer %d: %s", i, result.stats)
     _apply(model, quantized, updates)
+    return narrow
+
+
+def _layer_forward(model: StreamedModel, i: int, batches: list[Batch], split: BatchSplit,
+                   dtype: torch.dtype | None) -> Callable[[Batch], torch.Tensor]:
+    """Layer i's output for a batch, in the batch's dtype: computed by the layer itself, or by a copy of
+    it in `dtype` (see LayerData.narrowed)."""
+    run = lambda b: model.run_layer(i, b)  # noqa: E731
+    if dtype is None:
+        return run
+    view = LayerData(i, model.layers[i], model.family, batches, (), run=run, split=split).narrowed(dtype)
+
+    def narrowed_run(b: Batch) -> torch.Tensor:
+        out = view.run(b)
+        return (out[0] if isinstance(out, tuple) else out).to(b.hidden.dtype)
+    return narrowed_run
 
 
 def _quantize_lm_head(model: StreamedModel, method: Method, fmt: FormatMap, batches: list[Batch], split: BatchSplit,

@@ -542,3 +542,15 @@ def test_row_slices_solve_like_the_whole(fmt):
         assert (a.W_q != b.W_q).float().mean() < 0.01, n  # float order may flip a rare tie
         assert cut.stats["loss"][n] == pytest.approx(whole.stats["loss"][n], rel=1e-3)
         assert cut.stats["rtn_loss"][n] == pytest.approx(whole.stats["rtn_loss"][n], rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [5, 512, 513, 1300])
+def test_lower_triangular_inverse_matches_a_triangular_solve(n):
+    from lowbit.algorithms.gptq import lower_triangular_inverse
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(A @ A.T / n + torch.eye(n, dtype=torch.float64))
+    got = lower_triangular_inverse(L, leaf=128)
+    want = torch.linalg.solve_triangular(L, torch.eye(n, dtype=torch.float64), upper=False)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
+    assert torch.equal(got.triu(1), torch.zeros_like(got))

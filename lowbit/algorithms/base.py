@@ -45,3 +45,9 @@ class Method(ABC):
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
         """Quantize every linear in `layer` (a model.layer.LayerData) onto `fmt`'s grid: one Format
         for all, or {linear name: Format} (a GGUF preset; see formats/map.py's `per_linear`)."""
+
+    def propagation_dtype(self, layer, fmt: Formats) -> torch.dtype | None:
+        """The dtype of the forward pass that hands the quantized layer's outputs to the next layer
+        (None: the layer's own). A method whose own calibration forwards run narrower says so here,
+        so that the next layer's inputs cost no more than they are worth to it."""
+        return None

@@ -3,9 +3,10 @@
 Each output channel's mean error b = μᵀ(W_r − W) (μ = E[x] of the input, in the scaled space)
 is shrunk greedily: one weight at a time moves to its other neighbouring grid point, the one
 whose move shrinks |b| most, until |b| stops shrinking or max_flip_percent · in_features weights
-of the row have moved. Each weight moves at most once. Input channels whose |μ| lies beyond the
-knee of their sorted curve (Kneedle) are outliers and never move. The rounding is the same in
-AWQ's α search and in the final codes.
+of the row have moved. Each weight moves at most once. Input channels whose activation magnitude
+lies beyond the knee of its sorted curve (Kneedle) are outliers and never move: by default the
+magnitude is |E[x]|; `knee_on="rms"` takes √E[x²]. The rounding is the same in AWQ's α search
+and in the final codes.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from .awq import AWQ, InputStats
 
@@ -85,12 +87,18 @@ class DHAWQ(AWQ):
     """AWQ (scales, clipping) with the heuristic rounding above, in the α search and the final codes."""
 
     name = "dh-awq"
-    defaults = {**AWQ.defaults, "knee_tolerance": 0.0, "max_flip_percent": 0.01}
+    defaults = {**AWQ.defaults, "knee_tolerance": 0.0, "max_flip_percent": 0.01, "knee_on": "mean"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options["knee_on"] not in ("mean", "rms"):
+            raise LowbitError(f"--knee-on must be mean or rms, not {self.options['knee_on']!r}")
 
     def round(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, name: str,
               stats: dict | None = None) -> QuantizedTensor:
-        threshold = knee_threshold(X.mean.abs(), self.options["knee_tolerance"])
-        outliers = X.mean.abs() > threshold
+        magnitude = X.mean.abs() if self.options["knee_on"] == "mean" else X.sq.sqrt()
+        threshold = knee_threshold(magnitude, self.options["knee_tolerance"])
+        outliers = magnitude > threshold
         budget = flip_budget(W.shape[1], self.options["max_flip_percent"])
         W_q, info = dh_round(W, qt.W_q, qt.qparams, qt.format, X.mean, outliers, budget)
         if stats is not None:

@@ -334,11 +334,27 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor | None
     M, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
     if info.item() != 0:
         return None
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    U = torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1)
+    U = lower_triangular_inverse(M).flip(0, 1)
     if not torch.isfinite(U).all():
         return None
     return U
+
+
+def lower_triangular_inverse(L: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L [n, n], by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹BA⁻¹, C⁻¹]].
+
+    A triangular solve against the identity does n³ flops; by halves it is about 2n³/3, all of it in plain
+    matrix products: n = 4864 took 0.32 s on a 2-core CPU against the solve's 0.47 s."""
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    A_inv, C_inv = lower_triangular_inverse(L[:h, :h], leaf), lower_triangular_inverse(L[h:, h:], leaf)
+    out = torch.zeros_like(L)
+    out[:h, :h] = A_inv
+    out[h:, h:] = C_inv
+    out[h:, :h] = -(C_inv @ (L[h:, :h] @ A_inv))
+    return out
 
 
 def _solve_in_row_slices(W: torch.Tensor, rows: list[int], U: torch.Tensor, fmt: Format, gl: int, unit: int,
@@ -636,14 +652,20 @@ class GPTQ(Method):
         return self.quantize_sequentially(layer, fmt)
 
     def hessian_view(self, layer, fmt: Formats):
-        """The layer the Hessians' forward passes run on: a bf16 copy under --hessian-dtype auto where the
-        awq search would use one (`awq.search_dtype`): on CPUs with bf16 matrix units several times faster,
-        and bf16 inputs are what GPTQModel's H is made of on such a CPU. Not for CPU processes under
-        torchrun, which sum their Hessians (see HessianSum)."""
+        """The layer the Hessians' forward passes run on: a copy in `propagation_dtype`, if any."""
+        narrow = self.propagation_dtype(layer, fmt)
+        return layer if narrow is None else layer.narrowed(narrow)
+
+    def propagation_dtype(self, layer, fmt: Formats) -> torch.dtype | None:
+        """The dtype of every forward GPTQ makes, the Hessians' and the one that hands the quantized layer's
+        outputs on: under --hessian-dtype auto bf16 where the awq search would use it (`awq.search_dtype`).
+        On CPUs with bf16 matrix units that is several times faster (float32 propagation was a quarter of
+        Qwen2.5-0.5B's GPTQ time), and bf16 inputs are what GPTQModel's H is made of on such a CPU. Not for
+        CPU processes under torchrun, which sum their Hessians (see HessianSum)."""
         narrow = search_dtype(self.options["hessian_dtype"], layer, fmt)
         if layer.dist is not None and next(layer.module.parameters()).device.type == "cpu":
-            narrow = None  # processes would each pick other exact channels (HessianSum): float32 products
-        return layer if narrow is None else layer.narrowed(narrow)
+            return None  # processes would each pick other exact channels (HessianSum): float32 products
+        return narrow
 
     def quantize_sequentially(self, layer, fmt: Formats) -> LayerResult:
         """Linears that share an input, one set after another in the layer's order (q,k,v; o; gate,up;
