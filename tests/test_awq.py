@@ -16,6 +16,7 @@ from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, cli
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
 from lowbit.formats.base import Format
+from lowbit.formats import QuantizedTensor
 from lowbit.formats.int import IntFormat
 from lowbit.model.layer import LayerData
 from lowbit.model.stream import Batch, StreamedModel
@@ -404,6 +405,30 @@ def test_knee_threshold_marks_the_tail_and_handles_flat_curves():
     assert knee_threshold(torch.ones(100)) == math.inf
     assert knee_threshold(m, tolerance=1.0) == float(m.max())
 
+
+
+@pytest.mark.parametrize("knee_on", ["mean", "rms"])
+def test_dh_knee_on_picks_the_channels_it_names(knee_on):
+    """knee_on=mean masks channels with a large |E[x]|, rms those with a large √E[x²] (zero mean included)."""
+    torch.manual_seed(0)
+    n = 256
+    mean, sq = torch.rand(n) * 0.1, torch.rand(n) * 0.02 + 0.01
+    mean[7] = 5.0
+    sq[7] = 25.5  # loud in both
+    sq[40] = 30.0  # a zero-mean channel that is loud
+    mean[40] = 0.0
+    X = InputStats(mean, sq, sq.sqrt(), torch.eye(n))
+    W = torch.randn(16, n) * 0.05
+    fmt = IntFormat(bits=4, group_size=32)
+    qt = QuantizedTensor(fmt.quantize(W, fmt.fit(W)), fmt.fit(W), fmt)
+    method = make_method("dh-awq", {"knee_on": knee_on, "max_flip_percent": 0.1})
+    stats: dict = {}
+    method.round(W, qt, X, "x", stats)
+    loud = sq.sqrt() if knee_on == "rms" else mean.abs()
+    assert stats["knee"] is not None and loud[7] > stats["knee"]
+    assert (loud[40] > stats["knee"]) == (knee_on == "rms")
+    with pytest.raises(LowbitError, match="--knee-on"):
+        make_method("dh-awq", {"knee_on": "max"})
 
 # -- coordinate-descent rounding --------------------------------------------------------------------------
 def test_cd_rounding_with_identity_hessian_is_rtn_and_never_raises_the_loss():
