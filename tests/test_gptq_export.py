@@ -104,7 +104,9 @@ def fp16_models(tmp_path_factory, tiny_tokenizer_dir):
 CASES = [
     ("llama", dict(bits=4, group_size=32)),
     ("llama", dict(bits=4, group_size=32, sym=True, act_order=True)),
-    ("llama", dict(bits=4, group_size=16, true_act_order=True, quantize_lm_head=True)),
+    # (damp 0.01: at 0.05 one group of this random model needs a zero point of 0 with codes up to 15, which
+    # GPTQ v1 cannot store: the exporter refuses that, see test_zero_point_zero_is_rewritten_exactly_or_refused)
+    ("llama", dict(bits=4, group_size=16, true_act_order=True, quantize_lm_head=True, damp=0.01)),
     ("llama", dict(bits=8, group_size=0)),
     ("llama", dict(bits=2, group_size=64, observer="mse")),
     ("qwen2", dict(bits=4, group_size=32)),  # biases on q, k, v
