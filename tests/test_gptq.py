@@ -9,8 +9,9 @@ import torch
 
 import lowbit
 from lowbit.algorithms import make_method
-from lowbit.algorithms.gptq import (DEFAULT_DAMP, OBSERVERS, HessianSum, _observe, collect_hessians, gptq_quantize, group_aware_order,
-                                    gptq_quantize_shared, reconstruction_loss, scale_hessian)
+from lowbit.algorithms.gptq import (DEFAULT_DAMP, OBSERVERS, HessianSum, _observe, collect_hessians, fit_length,
+                                    gptq_quantize, group_aware_order, gptq_quantize_shared, reconstruction_loss,
+                                    scale_hessian)
 from lowbit.errors import LowbitError
 from lowbit.eval.evaluate import load_causal_lm
 from lowbit.formats import FORMATS, QuantizedTensor
@@ -467,16 +468,18 @@ def test_input_sets_follow_the_layer(tiny_models):
 
 # -- awq+gptq ------------------------------------------------------------------------------------
 def test_awq_gptq_without_scales_is_gptq(tiny_llama, tmp_path, calib):
-    """n_grid=1 searches only α = 0, i.e. s = 1: nothing is folded and GPTQ sees the same problem."""
+    """n_grid=1 searches only α = 0, i.e. s = 1: nothing is folded and GPTQ (true-sequential, its own
+    forward passes) sees the same problems, with or without its options."""
     from safetensors.torch import load_file
-    a = lowbit.quantize(tiny_llama, tmp_path / "a", method="awq+gptq", n_grid=1, group_size=32,
-                        export_format="fake", **calib)
-    b = lowbit.quantize(tiny_llama, tmp_path / "b", method="gptq", group_size=32, true_sequential=False,
-                        hessian_dtype="model", export_format="fake", **calib)
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:  # the two Hessians are summed in different orders: allow rare rounding-tie flips
-        assert (wa[k] != wb[k]).float().mean() < 0.005, k
+    for opts in ({}, {"true_sequential": False, "hessian_dtype": "model", "damp": 0.01}):
+        a = lowbit.quantize(tiny_llama, tmp_path / "a", method="awq+gptq", n_grid=1, group_size=32,
+                            export_format="fake", overwrite=True, **opts, **calib)
+        b = lowbit.quantize(tiny_llama, tmp_path / "b", method="gptq", group_size=32, export_format="fake",
+                            overwrite=True, **opts, **calib)
+        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (opts, k)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])  # one per row of the family table
@@ -500,14 +503,15 @@ def test_awq_gptq_end_to_end(family, tiny_models, tmp_path, calib):
 def test_awq_gptq_loss_is_the_live_output_error(family, tiny_models):
     """The folded problem (W·col, H / (col colᵀ)) is the live one: the reported loss equals
     ||diag(1/row) (W − live(W_r)) X||² / n on the live layer's own inputs X (row: the scale folded
-    into a linear's outputs, e.g. up_proj's by the up → down group; 1 for q, k, gate)."""
+    into a linear's outputs, e.g. up_proj's by the up → down group; 1 for q, k, gate). Every H from the
+    float layer in float32 (not true-sequential) so that the live inputs X are the ones GPTQ saw."""
     sm = StreamedModel(tiny_models[family])
     batches = [sm.embed(torch.randint(3, 300, (2, 16))) for _ in range(2)]
     sm.materialize(sm.layer_path(0))
     names = sm.linear_names(0)
     layer = LayerData(0, sm.layers[0], sm.family, batches, names, run=lambda b: sm.run_layer(0, b))
     fmt = IntFormat(4, 32, False)
-    method = make_method("awq+gptq", {"n_grid": 4})
+    method = make_method("awq+gptq", {"n_grid": 4, "true_sequential": False, "hessian_dtype": "model"})
     result = method.quantize_layer(layer, fmt)
     state = method.awq.plan(layer, fmt).state
     assert any(not torch.all(c == 1) for c in state.col.values()), "nothing folded"
@@ -555,3 +559,18 @@ def test_lower_triangular_inverse_matches_a_triangular_solve(n):
     want = torch.linalg.solve_triangular(L, torch.eye(n, dtype=torch.float64), upper=False)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
     assert torch.equal(got.triu(1), torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_observer_in_row_chunks_equals_one_pass(weighted, monkeypatch):
+    """Grids are per row, so the mse search over row chunks (cache-sized) gives the one-pass grid exactly."""
+    import lowbit.algorithms.gptq as gptq_mod
+    torch.manual_seed(3)
+    fmt = _registered("gguf:q4_k") if weighted else IntFormat(4, 32, False)
+    W = torch.randn(70, 256 if weighted else 96) * 0.05
+    imp = torch.rand(W.shape[1]) + 0.1 if weighted else None
+    unit = fit_length(fmt, W.shape[1])
+    whole = _observe(fmt, W, "mse", unit, imp)
+    monkeypatch.setattr(gptq_mod, "MSE_CHUNK", 3 * W.shape[1])  # 3 rows a chunk: 24 chunks, the last of 1 row
+    chunked = _observe(fmt, W, "mse", unit, imp)
+    assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)

@@ -72,19 +72,24 @@ def _run_instead(run: Callable[[Batch], Any], module: nn.Module, stand_in: nn.Mo
 
 
 @contextlib.contextmanager
-def replaced_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """The named linears of `module` compute with other weights W [out, in] (cast to their own dtype
-    and device) inside the block; the original tensors are put back, untouched, after it."""
+def replaced_parameters(module: nn.Module, params: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The named parameters of `module` ("input_layernorm.weight", ...) hold other values (cast to their
+    own dtype and device) inside the block; the original tensors are put back, untouched, after it."""
     saved = {}
     try:
-        for n, W in weights.items():
-            lin = module.get_submodule(n)
-            saved[n] = lin.weight.data
-            lin.weight.data = W.to(device=saved[n].device, dtype=saved[n].dtype)
+        for n, t in params.items():
+            p = module.get_parameter(n)
+            saved[n] = p.data
+            p.data = t.to(device=saved[n].device, dtype=saved[n].dtype)
         yield
     finally:
-        for n, W in saved.items():
-            module.get_submodule(n).weight.data = W
+        for n, t in saved.items():
+            module.get_parameter(n).data = t
+
+
+def replaced_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+    """`replaced_parameters` for the named linears' weights W [out, in]."""
+    return replaced_parameters(module, {f"{n}.weight": W for n, W in weights.items()})
 
 
 @contextlib.contextmanager
