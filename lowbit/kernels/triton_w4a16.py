@@ -74,6 +74,10 @@ _PDL: dict[int, bool] = {}
 # (bench/results/decode_h100.txt, 2026-12-07). An L2 prefetch of the first weight spans before gdc_wait was
 # measured the same day and removed: 2.63 ms/token (2 spans) against 2.515.
 TRIGGER = os.environ.get("LOWBIT_W4_TRIGGER", "0") == "1"
+# The batch-1 GEMV path (BM=1, see _w4_kernel) among the candidates. Off by default until its tests have run on
+# a GPU: a probe of the same loop (bench/dev/gemv_probe.py, H200) streamed 8192x8192 in 13.1 us against the dot
+# path's 15.0 and 28672x8192 in 38.1 against 43.8, but the kernel's prologue and epilogue paths with BM=1 are unrun.
+GEMV = os.environ.get("LOWBIT_W4_GEMV", "0") == "1"
 
 
 def _asm(bf16: bool, nset: int) -> tuple[str, str]:
@@ -421,7 +425,7 @@ def candidates(M: int, N: int, K: int, sms: int) -> list[Config]:
         return sorted({a, min(2 * a, cap), max(1, a // 2), max(1, a - 1)}, key=lambda s: (s != a, s))
 
     BM = min(128, max(16, _next_pow2(M)))
-    if M == 1:  # the GEMV path (see _w4_kernel) first, the dot path after it; it streams best with
+    if M == 1 and GEMV:  # the GEMV path (see _w4_kernel) first, the dot path after it; it streams best with
         # more, smaller programs (H200, batch 1: 8192x8192 BN=64 split 8, 28672x8192 BN=64 split 4)
         gemv_splits = [s for s in (8, 4, 2, 16) if s <= max(1, n_spans // 2)] or [1]
         out = [Config(1, BN, s, warps, stages) for BN, warps, stages in [(64, 4, 3), (128, 8, 4)]
