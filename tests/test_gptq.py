@@ -10,8 +10,7 @@ import torch
 import lowbit
 from lowbit.algorithms import make_method
 from lowbit.algorithms.gptq import (DEFAULT_DAMP, OBSERVERS, HessianSum, _observe, collect_hessians, fit_length,
-                                    gptq_quantize, group_aware_order, gptq_quantize_shared, reconstruction_loss,
-                                    scale_hessian)
+                                    gptq_quantize, group_aware_order, gptq_quantize_shared, reconstruction_loss)
 from lowbit.errors import LowbitError
 from lowbit.eval.evaluate import load_causal_lm
 from lowbit.formats import FORMATS, QuantizedTensor
@@ -325,13 +324,6 @@ def test_bad_options_are_refused():
     with pytest.raises(LowbitError, match="observer"):
         make_method("gptq", {"observer": "max"})
     assert set(OBSERVERS) == {"minmax", "mse"}
-
-
-def test_scale_hessian_matches_scaled_inputs():
-    """awq+gptq building block: H of X / s, paired with W · s, keeps W X and the GPTQ problem."""
-    W, X, H = _problem()
-    s = torch.rand(W.shape[1]) + 0.5
-    torch.testing.assert_close(scale_hessian(H, s), 2 * (X / s).T @ (X / s) / X.shape[0], rtol=1e-4, atol=1e-4)
 
 
 def test_hessian_sum_is_a_mean_over_all_tokens():

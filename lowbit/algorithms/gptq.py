@@ -121,15 +121,6 @@ def collect_hessians(layer, names: Sequence[str]) -> tuple[dict[str, torch.Tenso
     return {n: s.hessian() for n, s in sums.items()}, dict(shared or {})
 
 
-def scale_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """H of the inputs X / s when input channel j is divided by s_j (AWQ scales folded upstream).
-
-    Shapes: H [in, in], s [in] -> [in, in]; pairs with W · s (columns scaled) for the weights.
-    """
-    s = s.float().to(H.device)
-    return H / (s[:, None] * s[None, :])
-
-
 # -- solve ---------------------------------------------------------------------------------------
 @dataclass
 class GPTQResult:
