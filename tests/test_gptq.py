@@ -477,7 +477,7 @@ def test_awq_gptq_without_scales_is_gptq(tiny_llama, tmp_path, calib):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])  # one per row of the family table
 def test_awq_gptq_end_to_end(family, tiny_models, tmp_path, calib):
     out = lowbit.quantize(tiny_models[family], tmp_path / "o", method="awq+gptq", group_size=32, n_grid=4,
-                          pick_layer=False, export_format="fake", **calib)
+                          export_format="fake", **calib)
     meta = json.loads((out / "lowbit.json").read_text())
     folded = 0
     for stats in meta["layer_stats"].values():
@@ -489,44 +489,6 @@ def test_awq_gptq_end_to_end(family, tiny_models, tmp_path, calib):
     model, _ = load_causal_lm(str(out))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(3, 300, (1, 12))).logits).all()
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_awq_gptq_keeps_the_solve_closer_to_the_float_layer(family, tiny_models):
-    """pick_layer: the layer gets exactly the codes (and folded norms) of whichever of GPTQ alone and the
-    scaled solve brings its output closer to the float layer's, each error measured here independently."""
-    from lowbit.model.layer import replaced_parameters
-    sm = StreamedModel(tiny_models[family])
-    batches = [sm.embed(torch.randint(3, 300, (2, 16))) for _ in range(2)]
-    sm.materialize(sm.layer_path(0))
-    names = sm.linear_names(0)
-
-    def layer():
-        return LayerData(0, sm.layers[0], sm.family, batches, names, run=lambda b: sm.run_layer(0, b))
-
-    opts = {"n_grid": 4, "hessian_dtype": "model"}
-    fmt = IntFormat(4, 32, False)
-    picked = make_method("awq+gptq", opts).quantize_layer(layer(), fmt)
-    plain = make_method("gptq", {"hessian_dtype": "model"}).quantize_layer(layer(), fmt)
-    scaled = make_method("awq+gptq", {**opts, "pick_layer": False}).quantize_layer(layer(), fmt)
-    assert scaled.updates, "nothing folded: the choice would be between equals"
-
-    def error(result) -> float:
-        params = {**{f"{n}.weight": q.dequantize() for n, q in result.quantized.items()}, **result.updates}
-        with torch.no_grad(), replaced_parameters(sm.layers[0], params):
-            outs = [sm.run_layer(0, b) for b in batches]
-        with torch.no_grad():
-            ref = [sm.run_layer(0, b) for b in batches]
-        return sum(((o - r) ** 2).sum().item() for o, r in zip(outs, ref)) / sum(r.numel() for r in ref)
-
-    errors = {"gptq": error(plain), "awq+gptq": error(scaled)}
-    for k, e in errors.items():
-        assert picked.stats["output_mse"][k] == pytest.approx(e, rel=1e-4), k
-    best = scaled if errors["awq+gptq"] <= errors["gptq"] else plain
-    assert picked.stats["scaled"] == (best is scaled)
-    assert picked.updates.keys() == best.updates.keys()
-    for n in names:
-        assert torch.equal(picked.quantized[n].W_q, best.quantized[n].W_q), n
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
@@ -541,8 +503,7 @@ def test_awq_gptq_loss_is_the_live_output_error(family, tiny_models):
     names = sm.linear_names(0)
     layer = LayerData(0, sm.layers[0], sm.family, batches, names, run=lambda b: sm.run_layer(0, b))
     fmt = IntFormat(4, 32, False)
-    method = make_method("awq+gptq", {"n_grid": 4, "true_sequential": False, "hessian_dtype": "model",
-                                      "pick_layer": False})
+    method = make_method("awq+gptq", {"n_grid": 4, "true_sequential": False, "hessian_dtype": "model"})
     result = method.quantize_layer(layer, fmt)
     state = method.awq.plan(layer, fmt).state
     assert any(not torch.all(c == 1) for c in state.col.values()), "nothing folded"

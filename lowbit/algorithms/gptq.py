@@ -718,15 +718,10 @@ _GPTQ_OPTIONS = dict(GPTQ.defaults)
 class AWQGPTQ(Method):
     """AWQ's per-channel scales searched and folded (awq.AWQ.plan), then GPTQ (with all its options, true-
     sequential Hessians included) on the folded layer: its norms and linears hold the folded parameters
-    while GPTQ's forward passes run, so every H is that of the folded inputs X / s.
-
-    AWQ's α is chosen for round-to-nearest; GPTQ's error feedback absorbs part of what the scales buy,
-    and on some layers the scaled solve ends worse than the plain one (Qwen2.5-0.5B: whole-model KLD
-    above gptq's). With `pick_layer` (default) GPTQ also solves the unscaled layer, and the layer keeps
-    whichever solve's output lies closer to the float layer's on the calibration batches."""
+    while GPTQ's forward passes run, so every H is that of the folded inputs X / s."""
 
     name = "awq+gptq"
-    defaults = {**_AWQ_OPTIONS, **_GPTQ_OPTIONS, "pick_layer": True}
+    defaults = {**_AWQ_OPTIONS, **_GPTQ_OPTIONS}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -738,18 +733,6 @@ class AWQGPTQ(Method):
 
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:
         fmt = per_linear(fmt, layer.weights)
-        if not (self.options["pick_layer"] and folds_anything(layer)):
-            return self.scaled_solve(layer, fmt)
-        view = self.gptq.hessian_view(layer, fmt)
-        reference = layer_outputs(view, {})
-        plain = self.gptq.quantize_layer(layer, fmt)
-        scaled = self.scaled_solve(layer, fmt)
-        errors = [output_error(view, solved_parameters(r), reference) for r in (plain, scaled)]
-        best = scaled if errors[1] <= errors[0] else plain
-        return LayerResult(best.quantized, best.updates, {**best.stats, "scaled": best is scaled,
-                                                          "output_mse": {"gptq": errors[0], "awq+gptq": errors[1]}})
-
-    def scaled_solve(self, layer, fmt: Formats) -> LayerResult:
         plan = self.awq.plan(layer, fmt)
         layer.release_weights()  # from here on the plan's weights are all that is read
         folded = {**{f"{n}.weight": W for n, W in plan.state.weights.items()}, **plan.state.updates}
@@ -758,28 +741,3 @@ class AWQGPTQ(Method):
                              layer.run, layer.split)
             result = self.gptq.quantize_layer(view, fmt)
         return LayerResult(result.quantized, plan.state.updates, {"groups": plan.info, **result.stats})
-
-
-def folds_anything(layer) -> bool:
-    """Whether any of the family's balance groups lies inside this layer (not so for lm_head)."""
-    return any(all(n in layer.weights for n in g.linears) for g in layer.family.balance)
-
-
-def solved_parameters(result: LayerResult) -> dict[str, torch.Tensor]:
-    """The parameters a layer runs with once `result` is applied: dequantized linears, folded norms."""
-    return {**{f"{n}.weight": qt.dequantize() for n, qt in result.quantized.items()}, **result.updates}
-
-
-@torch.no_grad()
-def layer_outputs(view, params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The layer's hidden-state output for each calibration batch, run with `params` in place."""
-    with replaced_parameters(view.module, params):
-        outs = [view.run(b) for b in view.batches]
-    return [o[0] if isinstance(o, tuple) else o for o in outs]
-
-
-def output_error(view, params: dict[str, torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """Mean squared difference of the layer's outputs under `params` from `reference`, over all processes."""
-    sq = sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(layer_outputs(view, params), reference))
-    totals = view.sum_over_processes(torch.tensor([sq, sum(r.numel() for r in reference)], dtype=torch.float64))
-    return float(totals[0] / totals[1])
