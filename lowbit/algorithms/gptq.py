@@ -39,7 +39,7 @@ from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from ..formats.map import Formats, per_linear
 from ..model.layer import LayerData, replaced_parameters, replaced_weights
-from .awq import AWQ, SEARCH_DTYPES, input_keys, one_cpu_thread, search_dtype
+from .awq import AWQ, SEARCH_DTYPES, InputStats, input_keys, one_cpu_thread, search_dtype
 from .base import LayerResult, Method
 
 log = logging.getLogger(__name__)
@@ -715,18 +715,43 @@ _AWQ_OPTIONS = {k: v for k, v in AWQ.defaults.items() if k not in ("clip", "clip
 _GPTQ_OPTIONS = dict(GPTQ.defaults)
 
 
+class GPTQRoundedAWQ(AWQ):
+    """AWQ whose α search rounds every candidate Q(W·s)/s with GPTQ (on H of the scaled search inputs)
+    instead of to nearest: the scales are chosen for the rounding that follows them."""
+
+    full_hessian = True  # GPTQ reads all of H
+
+    def __init__(self, solver_options: dict[str, Any], **options: Any):
+        super().__init__(**options)
+        self.solver_options = solver_options
+
+    def rounded(self, W: torch.Tensor, s: torch.Tensor, grid: Format, Xs: InputStats, name: str) -> torch.Tensor:
+        # the whole matrix at once: its rows share one inverse Hessian
+        Ws = W * s
+        return gptq_quantize(Ws, 2 * Xs.H, grid.for_tensor(Ws), **self.solver_options).quantized.dequantize().div_(s)
+
+
 class AWQGPTQ(Method):
     """AWQ's per-channel scales searched and folded (awq.AWQ.plan), then GPTQ (with all its options, true-
     sequential Hessians included) on the folded layer: its norms and linears hold the folded parameters
-    while GPTQ's forward passes run, so every H is that of the folded inputs X / s."""
+    while GPTQ's forward passes run, so every H is that of the folded inputs X / s.
+
+    search_rounding "gptq": the α search rounds its candidates with GPTQ (`GPTQRoundedAWQ`), each
+    a GPTQ solve per linear, hence a coarser default grid (n_grid 5); "nearest": AWQ's own search."""
 
     name = "awq+gptq"
-    defaults = {**_AWQ_OPTIONS, **_GPTQ_OPTIONS}
+    defaults = {**_AWQ_OPTIONS, **_GPTQ_OPTIONS, "n_grid": 5, "search_rounding": "gptq"}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self.awq = AWQ(**{k: self.options[k] for k in _AWQ_OPTIONS}, clip=False, row_gain=False)
         self.gptq = GPTQ(**{k: self.options[k] for k in _GPTQ_OPTIONS})
+        awq_options = {**{k: self.options[k] for k in _AWQ_OPTIONS}, "clip": False, "row_gain": False}
+        if self.options["search_rounding"] == "gptq":
+            self.awq = GPTQRoundedAWQ(self.gptq.solver_options(), **awq_options)
+        elif self.options["search_rounding"] == "nearest":
+            self.awq = AWQ(**awq_options)
+        else:
+            raise LowbitError(f"--search-rounding must be gptq or nearest, not {self.options['search_rounding']!r}")
 
     def propagation_dtype(self, layer, fmt: Formats) -> torch.dtype | None:
         return self.gptq.propagation_dtype(layer, fmt)

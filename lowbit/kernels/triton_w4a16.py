@@ -428,7 +428,7 @@ def candidates(M: int, N: int, K: int, sms: int) -> list[Config]:
     if M == 1 and GEMV:  # the GEMV path (see _w4_kernel) first, the dot path after it; it streams best with
         # more, smaller programs (H200, batch 1: 8192x8192 BN=64 split 8, 28672x8192 BN=64 split 4)
         gemv_splits = [s for s in (8, 4, 2, 16) if s <= max(1, n_spans // 2)] or [1]
-        out = [Config(1, BN, s, warps, stages) for BN, warps, stages in [(64, 4, 3), (128, 8, 4)]
+        out = [Config(1, BN, s, warps, stages) for BN, warps, stages in [(64, 4, 3), (128, 8, 4), (32, 2, 3), (64, 2, 4)]
                for s in gemv_splits]
         out += [Config(c.BM, c.BN, c.split_k, c.num_warps, c.num_stages, True) for c in out[::4] if c.split_k > 1]
         return out + candidates(2, N, K, sms)
