@@ -1,5 +1,5 @@
 """bench/dev/gemv_check.py — the kernel's batch-1 GEMV configurations against float64 dequantize-then-matmul
-(tests/test_kernels.py's check, restricted to them: a short GPU run). Needs LOWBIT_W4_GEMV=1."""
+(tests/test_kernels.py's check, restricted to them: a short GPU run). The path is on unless LOWBIT_W4_GEMV=0."""
 from __future__ import annotations
 
 import sys
@@ -15,8 +15,10 @@ from lowbit.kernels.triton_w4a16 import _sm_count, candidates  # noqa: E402
 
 def gemv_configs(N: int, K: int) -> list:
     cs = [c for c in candidates(1, N, K, _sm_count(torch.device("cuda"))) if c.BM == 1]
-    assert cs, "no GEMV candidates: set LOWBIT_W4_GEMV=1"
-    return [cs[0], next(c for c in cs if c.atomic), next(c for c in cs if c.BN == 128)]
+    assert cs, "no GEMV candidates: LOWBIT_W4_GEMV=0 is set"
+    picks = [cs[0], next((c for c in cs if c.atomic), None), next((c for c in cs if c.BN == 128), None),
+             next((c for c in cs if c.BN == 32), None)]
+    return list(dict.fromkeys(c for c in picks if c is not None))
 
 
 CASES = [  # (N, K, group, sym, dtype, accumulate, prologue)

@@ -74,10 +74,10 @@ _PDL: dict[int, bool] = {}
 # (bench/results/decode_h100.txt, 2026-12-07). An L2 prefetch of the first weight spans before gdc_wait was
 # measured the same day and removed: 2.63 ms/token (2 spans) against 2.515.
 TRIGGER = os.environ.get("LOWBIT_W4_TRIGGER", "0") == "1"
-# The batch-1 GEMV path (BM=1, see _w4_kernel) among the candidates. Off by default until its tests have run on
-# a GPU: a probe of the same loop (bench/dev/gemv_probe.py, H200) streamed 8192x8192 in 13.1 us against the dot
-# path's 15.0 and 28672x8192 in 38.1 against 43.8, but the kernel's prologue and epilogue paths with BM=1 are unrun.
-GEMV = os.environ.get("LOWBIT_W4_GEMV", "0") == "1"
+# The batch-1 GEMV path (BM=1, see _w4_kernel) among the candidates (LOWBIT_W4_GEMV=0 leaves it out). On an H100
+# (bench/results/kernel_h100.txt, 2026-12-07): 8192x8192 15.0 us against the dot path's 15.7, 28672x8192 44.9 against
+# 50.3; the decode step 2.28 ms/token against 2.29. Its prologue/epilogue variants pass bench/dev/gemv_check.py there.
+GEMV = os.environ.get("LOWBIT_W4_GEMV", "1") == "1"
 
 
 def _asm(bf16: bool, nset: int) -> tuple[str, str]:
