@@ -317,8 +317,9 @@ def test_awq_row_gain_changes_only_the_scales(tiny_models):
 
 
 # -- DH rounding -----------------------------------------------------------------------------------------
-def _greedy_reference(b, impact, allowed, budget):
+def _greedy_reference(b, impact, allowed, budget, penalty=None):
     """The greedy rule one row and one flip at a time, in plain Python."""
+    penalty = torch.zeros_like(impact) if penalty is None else penalty
     out, n = impact.shape
     flipped = torch.zeros(out, n, dtype=torch.bool)
     b_after = b.clone()
@@ -330,10 +331,10 @@ def _greedy_reference(b, impact, allowed, budget):
             for j in range(n):
                 if not allowed[r, j] or j in used:
                     continue
-                v = (cur + impact[r, j]).abs()
+                v = (cur + impact[r, j]) ** 2 + penalty[r, j]
                 if best_v is None or v < best_v:
                     best_j, best_v = j, v
-            if best_j is None or not best_v < cur.abs():
+            if best_j is None or not best_v < cur ** 2:
                 break
             cur = cur + impact[r, best_j]
             used.add(best_j)
@@ -351,10 +352,33 @@ def test_greedy_flips_equal_the_slow_reference(seed):
         impact = torch.randint(-3, 4, (out, n), generator=g).float()
     b = torch.randn(out, generator=g) * 4
     allowed = torch.rand(out, n, generator=g) > 0.3
+    penalty = torch.rand(out, n, generator=g) * 2 if seed % 2 else None  # flip_cost "mse"
     for budget in (1, 3, 50):
-        fast = greedy_flips(b, impact, allowed, budget)
-        slow = _greedy_reference(b, impact, allowed, budget)
+        fast = greedy_flips(b, impact, allowed, budget, penalty)
+        slow = _greedy_reference(b, impact, allowed, budget, penalty)
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_dh_flips_with_mse_cost_never_raise_the_rows_output_error():
+    """flip_cost "mse": with inputs of mean μ and independent spreads var, each row's output error
+    b² + Σ_j e_j² var_j (e = W_r − W) only falls, and fewer flips are taken than under the |b| rule."""
+    torch.manual_seed(1)
+    fmt = IntFormat(bits=4, group_size=32, sym=False)
+    W = torch.randn(64, 128) * 0.05
+    mu, var = torch.randn(128) * 0.3, torch.rand(128) * 2
+    qp = fmt.fit(W, 1.0)
+    W_q0 = fmt.quantize(W, qp)
+    none = torch.zeros(128, dtype=torch.bool)
+
+    def row_error(W_q):
+        E = fmt.dequantize(W_q, qp) - W
+        return (E @ mu) ** 2 + E.square() @ var
+
+    W_q, info = dh_round(W, W_q0, qp, fmt, mu, none, 16, var)
+    plain, plain_info = dh_round(W, W_q0, qp, fmt, mu, none, 16)
+    assert (row_error(W_q) <= row_error(W_q0) + 1e-9).all() and row_error(W_q).sum() < row_error(W_q0).sum()
+    assert 0 < info["flips"] < plain_info["flips"]
+    assert row_error(plain).sum() > row_error(W_q).sum()
 
 
 @pytest.mark.parametrize("sym", [False, True])
