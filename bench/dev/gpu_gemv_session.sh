@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: the GEMV path's checks, the kernel table and the decode measurement, all with LOWBIT_W4_GEMV=1.
 # usage (device machine): bash bench/dev/gpu_gemv_session.sh STEP...   (steps: check tests kernel decode)
-[ -d /tmp/site/torch ] || [ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
+[ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD:$PWD/bench LOWBIT_W4_GEMV=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 git log --oneline -1 2>/dev/null

@@ -563,12 +563,10 @@ class AWQ(Method):
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options
-        if o["salience"] not in ("l2", "mean-abs"):
-            raise LowbitError(f"--salience must be l2 or mean-abs, not {o['salience']!r}")
+        self.check_choice("salience", ("l2", "mean-abs"))
         if o["n_grid"] < 1 or o["clip_grid"] < 1 or not 0 <= o["max_shrink"] < 1:
             raise LowbitError("--n-grid and --clip-grid must be ≥ 1 and --max-shrink in [0, 1)")
-        if o["search_dtype"] not in SEARCH_DTYPES:
-            raise LowbitError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}, not {o['search_dtype']!r}")
+        self.check_choice("search_dtype", SEARCH_DTYPES)
 
     # The steps a variant may replace -----------------------------------------------------------
     def round(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, name: str,

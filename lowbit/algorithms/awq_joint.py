@@ -101,8 +101,7 @@ class AWQJoint(AWQ):
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.options["rounding"] not in ("cd", "nearest"):
-            raise LowbitError(f"--rounding must be cd or nearest, not {self.options['rounding']!r}")
+        self.check_choice("rounding", ("cd", "nearest"))
         if self.options["top_k"] < 1 or self.options["screen_rows"] < 1:
             raise LowbitError("--top-k and --screen-rows must be ≥ 1")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 
@@ -40,6 +40,12 @@ class Method(ABC):
             raise LowbitError(f"method {self.name!r} has no option(s) {', '.join(sorted(unknown))}; "
                               f"it accepts: {', '.join(sorted(self.defaults)) or 'none'}")
         self.options = {**self.defaults, **options}
+
+    def check_choice(self, key: str, choices: Iterable[str]) -> None:
+        """Refuse option `key` unless its value is one of `choices`, naming the flag and what it takes."""
+        value, choices = self.options[key], list(choices)
+        if value not in choices:
+            raise LowbitError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}, not {value!r}")
 
     @abstractmethod
     def quantize_layer(self, layer, fmt: Formats) -> LayerResult:

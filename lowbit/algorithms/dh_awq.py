@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import torch
 
-from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from .awq import AWQ, InputStats
 
@@ -105,10 +104,8 @@ class DHAWQ(AWQ):
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.options["knee_on"] not in ("mean", "rms"):
-            raise LowbitError(f"--knee-on must be mean or rms, not {self.options['knee_on']!r}")
-        if self.options["flip_cost"] not in ("mean", "mse"):
-            raise LowbitError(f"--flip-cost must be mean or mse, not {self.options['flip_cost']!r}")
+        self.check_choice("knee_on", ("mean", "rms"))
+        self.check_choice("flip_cost", ("mean", "mse"))
 
     def round(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, name: str,
               stats: dict | None = None) -> QuantizedTensor:

@@ -642,8 +642,7 @@ class GPTQ(Method):
                               "and --static-groups")
         if int(o["block_size"]) < 1 or float(o["damp"]) < 0:
             raise LowbitError("--block-size must be >= 1 and --damp >= 0")
-        if o["hessian_dtype"] not in SEARCH_DTYPES:
-            raise LowbitError(f"--hessian-dtype must be one of {', '.join(SEARCH_DTYPES)}, not {o['hessian_dtype']!r}")
+        self.check_choice("hessian_dtype", SEARCH_DTYPES)
 
     def solver_options(self) -> dict[str, Any]:
         o = self.options
@@ -745,13 +744,12 @@ class AWQGPTQ(Method):
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.gptq = GPTQ(**{k: self.options[k] for k in _GPTQ_OPTIONS})
+        self.check_choice("search_rounding", ("gptq", "nearest"))
         awq_options = {**{k: self.options[k] for k in _AWQ_OPTIONS}, "clip": False, "row_gain": False}
         if self.options["search_rounding"] == "gptq":
             self.awq = GPTQRoundedAWQ(self.gptq.solver_options(), **awq_options)
-        elif self.options["search_rounding"] == "nearest":
-            self.awq = AWQ(**awq_options)
         else:
-            raise LowbitError(f"--search-rounding must be gptq or nearest, not {self.options['search_rounding']!r}")
+            self.awq = AWQ(**awq_options)
 
     def propagation_dtype(self, layer, fmt: Formats) -> torch.dtype | None:
         return self.gptq.propagation_dtype(layer, fmt)
