@@ -14,9 +14,7 @@ median of several timed replays is divided by R. No launch overhead, no cache hi
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ import triton
 
 from lowbit.kernels import reference
 from lowbit.kernels.layout import pack_kernel, pack_qparams
+from lowbit.kernels.timing import cold_copies, graph_time
 from lowbit.kernels.triton_w4a16 import _sm_count, candidates, select_config, w4a16_matmul
 from common import table
 
@@ -50,51 +49,19 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / sorted(times)[len(times) // 2]
 
 
-def graph_time(calls: list, min_s: float = 0.05) -> float:
-    """Seconds per call: one CUDA graph runs every call once; median over timed replays."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    g.replay()
-    torch.cuda.synchronize()
-    reps = max(3, math.ceil(min_s / max(time.perf_counter() - t, 1e-6)))
-    samples = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        b.synchronize()
-        samples.append(a.elapsed_time(b) * 1e-3 / (reps * len(calls)))
-    del g
-    return sorted(samples)[2]
-
-
-def n_sets(set_bytes: int, l2: int) -> int:
-    return max(2, min(64, math.ceil(4 * l2 / set_bytes)))
-
-
 def bench_shape(N: int, K: int, gs: int, sym: bool, l2: int, copy_bw: float, batches=BATCHES,
                 all_configs: bool = False) -> list[dict]:
     dev = torch.device("cuda")
     G = K // gs
     q_bytes = N * K // 2 + G * N * 4  # codes + the packed scale/zero word the kernel reads per group and row
     qsets = []
-    for _ in range(n_sets(q_bytes, l2)):
+    for _ in range(cold_copies(q_bytes, l2)):
         W_q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=dev)
         scales = (torch.rand(G, N, device=dev) * 0.02 + 1e-3).half()
         zeros = None if sym else torch.randint(0, 16, (G, N), dtype=torch.uint8, device=dev)
         qsets.append((pack_kernel(W_q), scales, zeros, pack_qparams(scales, zeros, torch.float16)))
         del W_q
-    fsets = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02 for _ in range(n_sets(N * K * 2, l2))]
+    fsets = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02 for _ in range(cold_copies(N * K * 2, l2))]
     rows = []
     for M in batches:
         x = torch.randn(M, K, device=dev, dtype=torch.float16)

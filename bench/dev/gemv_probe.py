@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 import kernel as kb
+from lowbit.kernels.timing import cold_copies, graph_time
 from lowbit.kernels import triton_w4a16 as tw
 from lowbit.kernels.layout import pack_kernel, pack_qparams
 from lowbit.kernels.triton_w4a16 import _A16_1, _C16_1, _consts
@@ -78,7 +79,7 @@ def main() -> None:
         G = K // 128
         q_bytes = N * K // 2 + G * N * 4
         sets = []
-        for _ in range(kb.n_sets(q_bytes, l2)):
+        for _ in range(cold_copies(q_bytes, l2)):
             W_q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=dev)
             s = (torch.rand(G, N, device=dev) * 0.02 + 1e-3).half()
             z = torch.randint(0, 16, (G, N), dtype=torch.uint8, device=dev)
@@ -86,7 +87,7 @@ def main() -> None:
         x = torch.randn(1, K, device=dev, dtype=torch.float16)
         out = torch.empty(N, device=dev, dtype=torch.float32)
         ref = tw.w4a16_matmul(x, *sets[0][:3], K, qparams=sets[0][3]).float()[0]
-        t_ref = kb.graph_time([lambda qs=qs: tw.w4a16_matmul(x, *qs[:3], K, qparams=qs[3]) for qs in sets])
+        t_ref = graph_time([lambda qs=qs: tw.w4a16_matmul(x, *qs[:3], K, qparams=qs[3]) for qs in sets])
         io = K * 2 + N * 2
         print(f"N={N} K={K}: production {t_ref * 1e6:.2f} us {100 * (q_bytes + io) / t_ref / copy_bw:.0f}% "
               f"({tw.select_config(x, *sets[0][:3], K, sets[0][3])})", flush=True)
@@ -95,7 +96,7 @@ def main() -> None:
             try:
                 y = gemv(x, sets[0][0], sets[0][3], out, K, BN, split, warps, stages, f16)
                 err = ((y - ref).norm() / ref.norm()).item()
-                t = kb.graph_time([lambda qs=qs: gemv(x, qs[0], qs[3], out, K, BN, split, warps, stages, f16)
+                t = graph_time([lambda qs=qs: gemv(x, qs[0], qs[3], out, K, BN, split, warps, stages, f16)
                                    for qs in sets], min_s=0.02)
             except Exception as e:
                 print(f"  BN={BN} split={split} w={warps} s={stages} f16={f16}: {type(e).__name__} {e}"[:200], flush=True)

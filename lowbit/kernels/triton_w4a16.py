@@ -26,8 +26,8 @@ Measured on an H100 (bench/results/kernel_h100.txt): time ≈ 3-4.5 us per call 
 2.6-2.8 TB/s (88-93% of copy bandwidth); batch 1 at 71-89% of copy bandwidth on 8192-wide layers.
 
 `w4a16_matmul` picks a configuration per (M bucket, N, K, group, dtype) by timing a handful of
-candidates on first use (L2 flushed between repetitions); inside CUDA-graph capture it never
-times and takes the first candidate when a shape was not seen before.
+candidates on first use (`timing.graph_time`: back to back over DRAM-cold weight copies, as a decode
+step runs them); inside CUDA-graph capture it never times and takes the first candidate when a shape was not seen before.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .layout import pack_qparams
+from .timing import cold_copies, graph_time, l2_bytes
 
 log = logging.getLogger(__name__)
 
@@ -557,10 +558,20 @@ def retune(keys: Iterable[tuple], cost: Callable[[], float]) -> dict[tuple, Conf
     return {k: _TUNED[k] for k in keys}
 
 
+def _cold_sets(qweight: torch.Tensor, qparams: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The weights and copies of them, enough that a graph cycling through them reads each from DRAM
+    (as a model's layers do), within a quarter of the free GPU memory."""
+    nbytes = qweight.numel() * 4 + qparams.numel() * 4
+    free, _ = torch.cuda.mem_get_info(qweight.device)
+    n = max(1, min(cold_copies(nbytes, l2_bytes(qweight.device)), free // (4 * nbytes)))
+    return [(qweight, qparams)] + [(qweight.clone(), qparams.clone()) for _ in range(n - 1)]
+
+
 def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                   in_features: int, qparams: torch.Tensor | None = None,
                   norm: tuple[torch.Tensor, float] | None = None, glu: bool = False) -> Config:
-    """The configuration `w4a16_matmul` uses for this call (timing the candidates once per shape)."""
+    """The configuration `w4a16_matmul` uses for this call (timing the candidates once per shape, each
+    as a decode step runs it: back to back in a CUDA graph over cold copies of the weights)."""
     M, (G, N) = x.shape[0], scales.shape
     pro = _prologue(norm, glu)
     key = (_bucket(M), N, in_features, G, zeros is None, x.dtype, x.device, pro)
@@ -575,22 +586,20 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if qparams is None:
         qparams = pack_qparams(scales, zeros, x.dtype)
+    sets = _cold_sets(qweight, qparams)
     times: dict[Config, float] = {}
-    # two passes in opposite orders, each candidate keeping its faster median: one slow pass
-    # (clocks ramping, a neighbour's burst) must not hand the shape a 2x slower configuration
+    # two passes in opposite orders, each candidate keeping its faster time: one slow pass (clocks
+    # ramping, a neighbour's burst) must not hand the shape a slower configuration
     for c in [*cands, *reversed(cands)]:
         if times.get(c) == float("inf"):
             continue
         try:
-            # timed without PDL: do_bench's events and cache flushes around each launch make PDL
-            # timings noisy enough to pick 2x slower configurations
-            ms = triton.testing.do_bench(lambda: launch(c, x, qweight, scales, zeros, out, in_features, False, qparams,
-                                                        pdl=False, norm=norm, glu=glu),
-                                         warmup=5, rep=20, return_mode="median")
+            s = graph_time([lambda w=w, q=q: launch(c, x, w, scales, zeros, out, in_features, False, q, norm=norm, glu=glu)
+                            for w, q in sets], min_s=0.01)
         except Exception as e:  # a candidate that does not compile on this GPU is skipped
             log.warning("w4a16 config %s failed for M=%d N=%d K=%d: %s", c, M, N, in_features, e)
-            ms = float("inf")
-        times[c] = min(ms, times.get(c, float("inf")))
+            s = float("inf")
+        times[c] = min(s * 1e3, times.get(c, float("inf")))
     best = min(((ms, c) for c, ms in times.items() if ms < float("inf")), default=None, key=lambda t: t[0])
     if best is None:
         raise RuntimeError(f"no W4A16 kernel configuration ran for M={M} N={N} K={in_features}")
