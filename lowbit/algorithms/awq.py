@@ -228,6 +228,10 @@ class InputStats:
         c0 = c if self._c is None else self._c * c
         return InputStats(self.mean / c, self.sq / c**2, self.abs / c, self._H, c0, self._X)
 
+    def scaled_as(self, other: "InputStats") -> "InputStats":
+        """These moments under `other`'s scaling (X / c with other's c)."""
+        return self if other._c is None else self.scaled(other._c)
+
     def salience(self, kind: str) -> torch.Tensor:
         """Per-channel importance: E[x²] ("l2") or E[|x|] ("mean-abs", AutoAWQ's)."""
         return {"l2": self.sq, "mean-abs": self.abs}[kind]
@@ -262,7 +266,7 @@ def _exact_narrow(X: torch.Tensor) -> torch.Tensor:
     return X
 
 
-def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batches: int,
+def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batches: range,
                   sampled: bool) -> dict[str, torch.Tensor]:
     """One batch's terms of the moments: float32 within a batch, float64 across batches (H float32);
     with `sampled`, the batch's inputs themselves instead of its XᵀX."""
@@ -270,7 +274,7 @@ def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batch
     if batch < stats_batches:
         terms.update(sum=X.sum(0).double(), sq=X.square().sum(0).double(), abs=X.abs().sum(0).double(),
                      tokens=torch.tensor(X.shape[0], device=X.device))
-    if batch < hessian_batches:
+    if batch in hessian_batches:
         terms.update(X=_exact_narrow(X)) if sampled else terms.update(H=X.T @ X)
         terms.update(h_tokens=torch.tensor(X.shape[0], device=X.device))
     return terms
@@ -289,21 +293,24 @@ def _moments(sums: dict[str, torch.Tensor], n_in: int, device: torch.device) -> 
 
 
 def collect_stats(layer: LayerData, names: list[str], hessian_batches: int,
-                  stats_batches: int | None = None, full_hessian: bool = True) -> dict[str, InputStats]:
+                  stats_batches: int | None = None, full_hessian: bool = True,
+                  hessian_skip: int = 0) -> dict[str, InputStats]:
     """One pass over the calibration batches: moments of each named linear's input.
 
-    Moments use the first `stats_batches` batches (all when None), H the first `hessian_batches`;
+    Moments use the first `stats_batches` batches (all when None), H the `hessian_batches` after the
+    first `hessian_skip`;
     sums run in batch order, so processes sharing the batches get one process's figures exactly.
     Unless `full_hessian` (the caller reads every H), inputs with more channels than those batches
     have tokens keep the tokens' inputs instead of H (smaller; see `InputStats`).
     """
     limit = layer.n_batches if stats_batches is None else stats_batches
+    h_range = range(hessian_skip, hessian_skip + hessian_batches)
     if limit < layer.n_batches:
-        layer = search_view(layer, max(limit, hessian_batches))
+        layer = search_view(layer, max(limit, h_range.stop))
     linear = layer.module.get_submodule
-    h_tokens = sum(layer.batch_tokens[:hessian_batches])
+    h_tokens = sum(layer.batch_tokens[h_range.start:h_range.stop])
     sampled = set() if full_hessian else {n for n in names if h_tokens < linear(n).in_features}
-    sums = layer.batch_sums(names, lambda n, X, j: _moment_terms(X, j, limit, hessian_batches, n in sampled),
+    sums = layer.batch_sums(names, lambda n, X, j: _moment_terms(X, j, limit, h_range, n in sampled),
                             stacked=("X",))
     missing = [n for n in names if n not in sums]
     if missing:
