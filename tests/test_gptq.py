@@ -568,3 +568,22 @@ def test_mse_observer_in_row_chunks_equals_one_pass(weighted, monkeypatch):
     monkeypatch.setattr(gptq_mod, "MSE_CHUNK", 3 * W.shape[1])  # 3 rows a chunk: 24 chunks, the last of 1 row
     chunked = _observe(fmt, W, "mse", unit, imp)
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)
+
+
+def test_collect_stats_hessian_skips_the_first_batches(tiny_models):
+    """awq+gptq fits its α candidates on H of the batches after the search's: collect_stats(hessian_skip=2)
+    gives exactly XᵀX / n of the inputs of batches 2 and 3, computed from a layer holding only those."""
+    from lowbit.algorithms.awq import collect_stats
+    sm = StreamedModel(tiny_models["llama"])
+    batches = [sm.embed(torch.randint(3, 300, (2, 16))) for _ in range(4)]
+    sm.materialize(sm.layer_path(0))
+    names = sm.linear_names(0)
+
+    def layer_of(bs):
+        return LayerData(0, sm.layers[0], sm.family, bs, names, run=lambda b: sm.run_layer(0, b))
+    q = next(n for n in names if n.endswith("q_proj"))
+    H = collect_stats(layer_of(batches), [q], 2, 0, hessian_skip=2)[q].H
+    X = layer_of(batches[2:]).linear_inputs([q])[q].float()
+    torch.testing.assert_close(H, X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    first = collect_stats(layer_of(batches), [q], 2, 0)[q].H
+    assert not torch.allclose(first, H), "the skipped batches' H must differ from the fitted ones'"

@@ -78,7 +78,7 @@ TRIGGER = int(os.environ.get("LOWBIT_W4_TRIGGER", "0"))  # 1: at the epilogue; 2
 # GEMV (BM=1): each program loads span t + 1's weights and scale words while it computes span t, and the first
 # span's before waiting on the previous kernel (PDL). Triton's software pipeline does not copy these non-dot
 # loads ahead (num_stages changes nothing on this path), so without it a program has one span in flight.
-PREFETCH = int(os.environ.get("LOWBIT_W4_PREFETCH", "1"))
+PREFETCH = int(os.environ.get("LOWBIT_W4_PREFETCH", "0"))  # 1 once measured on the H100
 # The batch-1 GEMV path (BM=1, see _w4_kernel) among the candidates (LOWBIT_W4_GEMV=0 leaves it out). On an H100
 # (bench/results/kernel_h100.txt, 2026-12-07): 8192x8192 15.0 us against the dot path's 15.7, 28672x8192 44.9 against
 # 50.3; the decode step 2.28 ms/token against 2.29. Its prologue/epilogue variants pass bench/dev/gemv_check.py there.
