@@ -29,8 +29,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--gemv", action="store_true", help="batch 1: the GEMV path (BM=1) instead of the dot path")
     ap.add_argument("--atomic", default="0,1", help="split-K epilogue: partials (0) and/or atomic adds (1)")
-    ap.add_argument("--triggers", default="0,1", help="PDL trigger: off (0), at the epilogue (1), at the start (2)")
-    ap.add_argument("--prefetch", default=str(tw.PREFETCH), help="GEMV next-span prefetch off (0) and/or on (1)")
+    ap.add_argument("--triggers", default="0,1", help="early PDL trigger off (0) and/or on (1)")
     a = ap.parse_args()
     N, K = map(int, a.shape.split("x"))
     M, dev, gs = a.batch, torch.device("cuda"), 128
@@ -52,8 +51,8 @@ def main() -> None:
             if not (at and sp == 1) and not (bn >= 256 and w == 2)]
     io = M * K * 2 + M * N * 2
     print(f"# {torch.cuda.get_device_name()}, N={N} K={K} M={M}, copy BW {copy_bw / 1e12:.2f} TB/s, {len(cfgs)} configs", flush=True)
-    for trig, pf in itertools.product(ints(a.triggers), ints(a.prefetch)):
-        tw.TRIGGER, tw.PREFETCH = trig, pf
+    for trig in (bool(int(v)) for v in a.triggers.split(",")):
+        tw.TRIGGER = trig
         res = []
         for c in cfgs:
             try:
@@ -64,7 +63,7 @@ def main() -> None:
                 continue
             res.append((t, c))
         res.sort(key=lambda r: r[0])
-        print(f"## trigger {trig}, prefetch {pf}: best {a.top}")
+        print(f"## trigger {'on' if trig else 'off'}: best {a.top}")
         for t, c in res[:a.top]:
             print(f"  {t * 1e6:6.2f} us  {100 * (q_bytes + io) / t / copy_bw:4.0f}%  {c}", flush=True)
 

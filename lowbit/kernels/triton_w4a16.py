@@ -74,14 +74,13 @@ _PDL: dict[int, bool] = {}
 # took the untuned W4 decode step from 2.515 to 2.451 ms/token, but it is unmeasured with Decoder.tune's choices
 # (bench/results/decode_h100.txt, 2026-12-07). An L2 prefetch of the first weight spans before gdc_wait was
 # measured the same day and removed: 2.63 ms/token (2 spans) against 2.515.
-TRIGGER = int(os.environ.get("LOWBIT_W4_TRIGGER", "0"))  # 1: at the epilogue; 2: at the start (experiment)
-# GEMV (BM=1): each program loads span t + 1's weights and scale words while it computes span t, and the first
-# span's before waiting on the previous kernel (PDL). Triton's software pipeline does not copy these non-dot
-# loads ahead (num_stages changes nothing on this path), so without it a program has one span in flight.
-PREFETCH = int(os.environ.get("LOWBIT_W4_PREFETCH", "0"))  # 1 once measured on the H100
+TRIGGER = os.environ.get("LOWBIT_W4_TRIGGER", "0") == "1"
 # The batch-1 GEMV path (BM=1, see _w4_kernel) among the candidates (LOWBIT_W4_GEMV=0 leaves it out). On an H100
 # (bench/results/kernel_h100.txt, 2026-12-07): 8192x8192 15.0 us against the dot path's 15.7, 28672x8192 44.9 against
 # 50.3; the decode step 2.28 ms/token against 2.29. Its prologue/epilogue variants pass bench/dev/gemv_check.py there.
+# Measured and dropped (H100, 2026-12-07, bench/dev/kernel_sweep.py --gemv): loading span t + 1's words while span t
+# is computed, the first before the PDL wait: 8192x8192 batch 1 17.95 us against 14.73 (28672x8192: 47.2 against 43.2);
+# triggering dependents at the kernel's start: no gain. num_stages does not change this path's time.
 GEMV = os.environ.get("LOWBIT_W4_GEMV", "1") == "1"
 
 
@@ -137,24 +136,13 @@ _AB16_8, _CB16_8 = (tl.constexpr(v) for v in _asm(True, 8))
 
 
 @triton.jit
-def _qword(q_ptr, g, G, N, offs_n, n_mask):
-    """Group g's packed scale/zero words for rows offs_n: int32 [BN]."""
-    return tl.load(q_ptr + g * N + offs_n, mask=n_mask & (g < G), other=0)
-
-
-@triton.jit
 def _consts(q_ptr, g, G, N, offs_n, n_mask, DT: tl.constexpr):
     """Packed constants of group g for rows offs_n, int32 [1, BN] each: scale², −(magic + z)², −(64 + z)².
 
     q_ptr: int32 [G, N] from `layout.pack_qparams` (scale bits low, zero point high): one 4-byte
     load per row, which Triton's pipeline copies ahead asynchronously like the weights.
     """
-    return _consts_of(_qword(q_ptr, g, G, N, offs_n, n_mask), DT)
-
-
-@triton.jit
-def _consts_of(w, DT: tl.constexpr):
-    """The constants `_consts` returns, from the words `_qword` loaded."""
+    w = tl.load(q_ptr + g * N + offs_n, mask=n_mask & (g < G), other=0)
     sb = w & 0xFFFF
     z = (w >> 16) & 0xF
     if DT == tl.bfloat16:
@@ -211,8 +199,7 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
                stride_om, up_off, eps,
                GS: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, NSET: tl.constexpr,
-               EMU: tl.constexpr, PDL: tl.constexpr, PRO: tl.constexpr, TRIG: tl.constexpr = 0,
-               PF: tl.constexpr = 0):
+               EMU: tl.constexpr, PDL: tl.constexpr, PRO: tl.constexpr, TRIG: tl.constexpr = False):
     """Yᵀ tile [BN, BM] += W_r tile [BN, K share] · Xᵀ [K share, BM], one 128-column span per step.
 
     PRO, what the X load computes first (saving the decode step a launch each):
@@ -245,12 +232,6 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
     offs_k = tl.arange(0, 128)
     w_off = offs_j[:, None] + offs_n[None, :] * 16  # [16, BN]: a row's 16 words are contiguous
     x_off = offs_m[None, :] * stride_xm + offs_k[:, None]  # [128, BM]
-    if BM == 1 and PF and not EMU:  # GEMV: the first span's words are not the previous kernel's output
-        p_nx = tl.load(w_ptr + tl.cast(t0, tl.int64) * N * 16 + w_off, mask=n_mask[None, :] & (t0 < t1), other=0,
-                       eviction_policy="evict_first")
-        q_nx = _qword(q_ptr, (t0 * 128) // GS, G, N, offs_n, n_mask & (t0 < t1))
-    if PDL and TRIG == 2:
-        tl.extra.cuda.gdc_launch_dependents()
     if PDL:  # X, the output and the split-K buffers are read only once the previous kernel is done
         tl.extra.cuda.gdc_wait()
     if BM == 1:  # GEMV
@@ -271,16 +252,9 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
             w6 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 6, DT)
             w7 = _emulate(w_ptr, base, offs_j, offs_n, n_mask, q_ptr, t, G, N, GS, 7, DT)
         else:
-            if BM == 1 and PF:  # GEMV: span t + 1's loads in flight while span t is computed
-                p = p_nx
-                qw = q_nx
-                p_nx = tl.load(w_ptr + base + N * 16 + w_off, mask=n_mask[None, :] & (t + 1 < t1), other=0,
-                               eviction_policy="evict_first")
-                q_nx = _qword(q_ptr, ((t + 1) * 128) // GS, G, N, offs_n, n_mask & (t + 1 < t1))
-                sa, ca, oa = _consts_of(qw, DT)
-            else:
-                p = tl.load(w_ptr + base + w_off, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
-                sa, ca, oa = _consts(q_ptr, (t * 128) // GS, G, N, offs_n, n_mask, DT)
+            p = tl.load(w_ptr + base + w_off, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+            g0 = (t * 128) // GS
+            sa, ca, oa = _consts(q_ptr, g0, G, N, offs_n, n_mask, DT)
             if NSET == 1:
                 if DT == tl.bfloat16:
                     w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
@@ -371,7 +345,7 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
         ss = tl.sum(sq[:, None], axis=0)  # [1]
     else:
         ss = tl.sum(sq, axis=0)  # [BM]
-    if PDL and TRIG == 1 and (ATOMIC or not SPLIT):
+    if PDL and TRIG and (ATOMIC or not SPLIT):
         tl.extra.cuda.gdc_launch_dependents()
     o_mask = m_mask[None, :] & n_mask[:, None]
     if ATOMIC:  # split-K by atomic adds into an output that is zero (or holds what to add to)
@@ -388,7 +362,7 @@ def _w4_kernel(x_ptr, w_ptr, q_ptr, o_ptr, ws_ptr, cnt_ptr, g_ptr, ss_ptr, M, N,
         tl.debug_barrier()  # every thread's partial is written before the count (release, gpu scope)
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
-            if PDL and TRIG == 1:
+            if PDL and TRIG:
                 tl.extra.cuda.gdc_launch_dependents()
             tl.debug_barrier()
             acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -520,7 +494,7 @@ def launch(cfg: Config, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                      out.stride(0), K if glu else 0, float(eps),
                      GS=gs, ACC=accumulate, SPLIT=split > 1, ATOMIC=atomic, BM=cfg.BM, BN=cfg.BN,
                      EVEN_K=K % 128 == 0, NSET=nset, EMU=_EMULATE, PDL=pdl, PRO=pro,
-                     TRIG=TRIGGER, PF=PREFETCH,
+                     TRIG=TRIGGER,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return out
 
