@@ -570,20 +570,25 @@ def test_mse_observer_in_row_chunks_equals_one_pass(weighted, monkeypatch):
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)
 
 
-def test_collect_stats_hessian_skips_the_first_batches(tiny_models):
-    """awq+gptq fits its α candidates on H of the batches after the search's: collect_stats(hessian_skip=2)
-    gives exactly XᵀX / n of the inputs of batches 2 and 3, computed from a layer holding only those."""
+def test_collect_stats_fit_hessian_is_that_of_the_fit_batches(tiny_models):
+    """awq+gptq fits its α candidates on H of the batches after the search's: collect_stats' fit H is exactly
+    XᵀX / n of the inputs of batches 2 and 3 (from a layer holding only those), the stats' own H that of
+    batches 0 and 1, and scaling the stats scales both."""
     from lowbit.algorithms.awq import collect_stats
     sm = StreamedModel(tiny_models["llama"])
     batches = [sm.embed(torch.randint(3, 300, (2, 16))) for _ in range(4)]
     sm.materialize(sm.layer_path(0))
     names = sm.linear_names(0)
 
-    def layer_of(bs):
-        return LayerData(0, sm.layers[0], sm.family, bs, names, run=lambda b: sm.run_layer(0, b))
+    def gram(bs, q):
+        X = LayerData(0, sm.layers[0], sm.family, bs, names, run=lambda b: sm.run_layer(0, b)).linear_inputs([q])[q]
+        return X.float().T @ X.float() / X.shape[0]
     q = next(n for n in names if n.endswith("q_proj"))
-    H = collect_stats(layer_of(batches), [q], 2, 0, hessian_skip=2)[q].H
-    X = layer_of(batches[2:]).linear_inputs([q])[q].float()
-    torch.testing.assert_close(H, X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
-    first = collect_stats(layer_of(batches), [q], 2, 0)[q].H
-    assert not torch.allclose(first, H), "the skipped batches' H must differ from the fitted ones'"
+    layer = LayerData(0, sm.layers[0], sm.family, batches, names, run=lambda b: sm.run_layer(0, b))
+    stats = collect_stats(layer, [q], 2, fit_batches=range(2, 4))[q]
+    torch.testing.assert_close(stats.fit.H, gram(batches[2:], q), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.H, gram(batches[:2], q), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(stats.H, stats.fit.H)
+    c = torch.rand(stats.H.shape[0]) + 0.5
+    torch.testing.assert_close(stats.scaled(c).fit.H, stats.fit.H / c[:, None] / c[None, :])
+    assert collect_stats(layer, [q], 2)[q].fit is None

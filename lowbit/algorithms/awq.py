@@ -179,13 +179,17 @@ class InputStats:
 
     A scaled view (X / c) keeps the unscaled data and c: a search scales the stats once per candidate,
     and an [in, in] copy per candidate would be made for nothing where only the moments are used.
+
+    fit: where asked for (`collect_stats`' fit_batches), H of other calibration batches, scaled along:
+    for fitting on tokens other than those that judge the fit.
     """
 
     def __init__(self, mean: torch.Tensor, sq: torch.Tensor, abs: torch.Tensor, H: torch.Tensor | None = None,
-                 c: torch.Tensor | None = None, X: torch.Tensor | None = None):
+                 c: torch.Tensor | None = None, X: torch.Tensor | None = None, fit: "InputStats | None" = None):
         assert (H is None) != (X is None), "second moments as H or as sampled inputs X, one of them"
         self.mean, self.sq, self.abs = mean, sq, abs
         self._H, self._X, self._c = H, X, c
+        self.fit = fit
 
     @functools.cached_property
     def H(self) -> torch.Tensor:
@@ -226,11 +230,8 @@ class InputStats:
     def scaled(self, c: torch.Tensor) -> "InputStats":
         """The moments of X / c (c [in])."""
         c0 = c if self._c is None else self._c * c
-        return InputStats(self.mean / c, self.sq / c**2, self.abs / c, self._H, c0, self._X)
-
-    def scaled_as(self, other: "InputStats") -> "InputStats":
-        """These moments under `other`'s scaling (X / c with other's c)."""
-        return self if other._c is None else self.scaled(other._c)
+        return InputStats(self.mean / c, self.sq / c**2, self.abs / c, self._H, c0, self._X,
+                          None if self.fit is None else self.fit.scaled(c))
 
     def salience(self, kind: str) -> torch.Tensor:
         """Per-channel importance: E[x²] ("l2") or E[|x|] ("mean-abs", AutoAWQ's)."""
@@ -266,17 +267,19 @@ def _exact_narrow(X: torch.Tensor) -> torch.Tensor:
     return X
 
 
-def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batches: range,
-                  sampled: bool) -> dict[str, torch.Tensor]:
+def _moment_terms(X: torch.Tensor, batch: int, stats_batches: int, hessian_batches: int,
+                  sampled: bool, fit_batches: range) -> dict[str, torch.Tensor]:
     """One batch's terms of the moments: float32 within a batch, float64 across batches (H float32);
     with `sampled`, the batch's inputs themselves instead of its XᵀX."""
     terms = {}
     if batch < stats_batches:
         terms.update(sum=X.sum(0).double(), sq=X.square().sum(0).double(), abs=X.abs().sum(0).double(),
                      tokens=torch.tensor(X.shape[0], device=X.device))
-    if batch in hessian_batches:
+    if batch < hessian_batches:
         terms.update(X=_exact_narrow(X)) if sampled else terms.update(H=X.T @ X)
         terms.update(h_tokens=torch.tensor(X.shape[0], device=X.device))
+    if batch in fit_batches:
+        terms.update(H_fit=X.T @ X, fit_tokens=torch.tensor(X.shape[0], device=X.device))
     return terms
 
 
@@ -285,32 +288,35 @@ def _moments(sums: dict[str, torch.Tensor], n_in: int, device: torch.device) -> 
     zero = torch.zeros(n_in, dtype=torch.float64, device=device)
     moments = ((sums.get("sum", zero) / n).float(), (sums.get("sq", zero) / n).float(),
                (sums.get("abs", zero) / n).float())
+    fit = None
+    if "H_fit" in sums:
+        fit = InputStats(*(torch.zeros_like(m) for m in moments), sums["H_fit"] / max(int(sums["fit_tokens"]), 1))
     if "X" in sums:
-        return InputStats(*moments, X=sums["X"])
+        return InputStats(*moments, X=sums["X"], fit=fit)
     H = sums["H"] / max(int(sums["h_tokens"]), 1) if "H" in sums else \
         torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
-    return InputStats(*moments, H)
+    return InputStats(*moments, H, fit=fit)
 
 
 def collect_stats(layer: LayerData, names: list[str], hessian_batches: int,
                   stats_batches: int | None = None, full_hessian: bool = True,
-                  hessian_skip: int = 0) -> dict[str, InputStats]:
+                  fit_batches: range = range(0)) -> dict[str, InputStats]:
     """One pass over the calibration batches: moments of each named linear's input.
 
-    Moments use the first `stats_batches` batches (all when None), H the `hessian_batches` after the
-    first `hessian_skip`;
+    Moments use the first `stats_batches` batches (all when None), H the first `hessian_batches`,
+    and the stats' `fit` H the batches in `fit_batches` (none by default);
     sums run in batch order, so processes sharing the batches get one process's figures exactly.
     Unless `full_hessian` (the caller reads every H), inputs with more channels than those batches
     have tokens keep the tokens' inputs instead of H (smaller; see `InputStats`).
     """
     limit = layer.n_batches if stats_batches is None else stats_batches
-    h_range = range(hessian_skip, hessian_skip + hessian_batches)
     if limit < layer.n_batches:
-        layer = search_view(layer, max(limit, h_range.stop))
+        layer = search_view(layer, max(limit, hessian_batches, fit_batches.stop))
     linear = layer.module.get_submodule
-    h_tokens = sum(layer.batch_tokens[h_range.start:h_range.stop])
+    h_tokens = sum(layer.batch_tokens[:hessian_batches])
     sampled = set() if full_hessian else {n for n in names if h_tokens < linear(n).in_features}
-    sums = layer.batch_sums(names, lambda n, X, j: _moment_terms(X, j, limit, h_range, n in sampled),
+    sums = layer.batch_sums(names, lambda n, X, j: _moment_terms(X, j, limit, hessian_batches, n in sampled,
+                                                                 fit_batches),
                             stacked=("X",))
     missing = [n for n in names if n not in sums]
     if missing:
@@ -614,6 +620,10 @@ class AWQ(Method):
     def stats_tokens(self) -> int:
         return 0
 
+    def fit_batches(self, layer: LayerData) -> range:
+        """Calibration batches whose H `plan`'s stats carry as their `fit` (none: AWQ fits nothing on H)."""
+        return range(0)
+
     # Orchestration -------------------------------------------------------------------------------
     def quantize_layer(self, layer: LayerData, fmt: Formats) -> LayerResult:
         fmt = per_linear(fmt, layer.weights)
@@ -631,7 +641,8 @@ class AWQ(Method):
         keys = input_keys(layer)
         reps = list(dict.fromkeys(keys.values()))
         stats_b = batches_for(layer, self.stats_tokens()) if self.stats_tokens() else None
-        stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b, self.full_hessian)
+        stats = collect_stats(layer, reps, batches_for(layer, self.hessian_tokens()), stats_b, self.full_hessian,
+                              self.fit_batches(layer))
         view = candidate_view(layer, batches_for(layer, self.options["search_tokens"]))
         narrow = search_dtype(self.options["search_dtype"], layer, fmt)
         if narrow is not None:

@@ -39,8 +39,7 @@ from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from ..formats.map import Formats, per_linear
 from ..model.layer import LayerData, replaced_parameters, replaced_weights
-from .awq import (AWQ, SEARCH_DTYPES, InputStats, batches_for, collect_stats, input_keys, one_cpu_thread,
-                  search_dtype)
+from .awq import AWQ, SEARCH_DTYPES, InputStats, batches_for, input_keys, one_cpu_thread, search_dtype
 from .base import LayerResult, Method
 
 log = logging.getLogger(__name__)
@@ -729,20 +728,12 @@ class GPTQRoundedAWQ(AWQ):
     def __init__(self, solver_options: dict[str, Any], **options: Any):
         super().__init__(**options)
         self.solver_options = solver_options
-        self._fit: dict[str, InputStats] = {}
 
-    def plan(self, layer: LayerData, fmt: Formats):
-        search = batches_for(layer, self.hessian_tokens())
-        keys = input_keys(layer)
-        self._fit = {}
-        if search < layer.n_batches:
-            fit = collect_stats(layer, list(dict.fromkeys(keys.values())), layer.n_batches - search, 0,
-                                hessian_skip=search)
-            self._fit = {n: fit[k] for n, k in keys.items()}
-        return super().plan(layer, fmt)
+    def fit_batches(self, layer: LayerData) -> range:
+        return range(batches_for(layer, self.hessian_tokens()), layer.n_batches)
 
     def rounded(self, W: torch.Tensor, s: torch.Tensor, grid: Format, Xs: InputStats, name: str) -> torch.Tensor:
-        H = self._fit[name].scaled_as(Xs).H if name in self._fit else Xs.H
+        H = (Xs if Xs.fit is None else Xs.fit).H
         Ws = W * s  # the whole matrix at once: its rows share one inverse Hessian
         return gptq_quantize(Ws, 2 * H, grid.for_tensor(Ws), **self.solver_options).quantized.dequantize().div_(s)
 
