@@ -592,3 +592,13 @@ def test_collect_stats_fit_hessian_is_that_of_the_fit_batches(tiny_models):
     c = torch.rand(stats.H.shape[0]) + 0.5
     torch.testing.assert_close(stats.scaled(c).fit.H, stats.fit.H / c[:, None] / c[None, :])
     assert collect_stats(layer, [q], 2)[q].fit is None
+
+
+@pytest.mark.parametrize("search_tokens,warned", [(8192, True), (64, False)])
+def test_awq_gptq_says_when_it_must_fit_on_the_search_tokens(search_tokens, warned, tiny_models, tmp_path, calib,
+                                                            caplog):
+    """4 batches of 32 calibration tokens: all of them search batches by default (a warning), half of them with 64."""
+    with caplog.at_level(logging.WARNING, logger="lowbit.algorithms.gptq"):
+        lowbit.quantize(tiny_models["llama"], tmp_path / "o", method="awq+gptq", group_size=32, n_grid=2,
+                        search_tokens=search_tokens, calib_batch_size=1, export_format="fake", **calib)
+    assert any("every calibration batch is a search batch" in r.getMessage() for r in caplog.records) == warned

@@ -728,9 +728,16 @@ class GPTQRoundedAWQ(AWQ):
     def __init__(self, solver_options: dict[str, Any], **options: Any):
         super().__init__(**options)
         self.solver_options = solver_options
+        self._warned = False
 
     def fit_batches(self, layer: LayerData) -> range:
-        return range(batches_for(layer, self.hessian_tokens()), layer.n_batches)
+        fit = range(batches_for(layer, self.hessian_tokens()), layer.n_batches)
+        if not fit and not self._warned:
+            self._warned = True
+            log.warning("awq+gptq: every calibration batch is a search batch (--search-tokens %d), so GPTQ fits the "
+                        "α candidates on the tokens that judge them; more --n-calib gives it batches of its own",
+                        self.hessian_tokens())
+        return fit
 
     def rounded(self, W: torch.Tensor, s: torch.Tensor, grid: Format, Xs: InputStats, name: str) -> torch.Tensor:
         H = (Xs if Xs.fit is None else Xs.fit).H
