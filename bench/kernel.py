@@ -23,7 +23,7 @@ import triton
 
 from lowbit.kernels import reference
 from lowbit.kernels.layout import pack_kernel, pack_qparams
-from lowbit.kernels.timing import cold_copies, graph_time
+from lowbit.kernels.timing import cold_copies, graph_time, l2_bytes
 from lowbit.kernels.triton_w4a16 import _sm_count, candidates, select_config, w4a16_matmul
 from common import table
 
@@ -130,7 +130,7 @@ def main() -> None:
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    l2 = l2_bytes(torch.device("cuda"))
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
     rows = []

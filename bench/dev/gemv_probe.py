@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 import kernel as kb
-from lowbit.kernels.timing import cold_copies, graph_time
+from lowbit.kernels.timing import cold_copies, graph_time, l2_bytes
 from lowbit.kernels import triton_w4a16 as tw
 from lowbit.kernels.layout import pack_kernel, pack_qparams
 from lowbit.kernels.triton_w4a16 import _A16_1, _C16_1, _consts
@@ -72,7 +72,7 @@ def gemv(x, qw, qp, out, K, BN, split, warps, stages, f16acc):
 
 def main() -> None:
     dev = torch.device("cuda")
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    l2 = l2_bytes(torch.device("cuda"))
     copy_bw = kb.copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, copy BW {copy_bw / 1e12:.2f} TB/s", flush=True)
     for N, K in ((8192, 8192), (28672, 8192)):

@@ -13,7 +13,7 @@ import itertools
 import torch
 
 import kernel as kb
-from lowbit.kernels.timing import cold_copies, graph_time
+from lowbit.kernels.timing import cold_copies, graph_time, l2_bytes
 from lowbit.kernels import triton_w4a16 as tw
 from lowbit.kernels.layout import pack_kernel, pack_qparams
 
@@ -33,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     N, K = map(int, a.shape.split("x"))
     M, dev, gs = a.batch, torch.device("cuda"), 128
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    l2 = l2_bytes(torch.device("cuda"))
     copy_bw = kb.copy_bandwidth()
     G = K // gs
     q_bytes = N * K // 2 + G * N * 4

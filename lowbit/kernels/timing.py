@@ -52,4 +52,5 @@ def cold_copies(set_bytes: int, l2_bytes: int) -> int:
 
 
 def l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 size (50 MiB, an H100's, where torch does not report it)."""
     return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)

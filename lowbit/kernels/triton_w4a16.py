@@ -27,7 +27,8 @@ Measured on an H100 (bench/results/kernel_h100.txt): time ≈ 3-4.5 us per call 
 
 `w4a16_matmul` picks a configuration per (M bucket, N, K, group, dtype) by timing a handful of
 candidates on first use (`timing.graph_time`: back to back over DRAM-cold weight copies, as a decode
-step runs them); inside CUDA-graph capture it never times and takes the first candidate when a shape was not seen before.
+step runs them); inside CUDA-graph capture it never times and takes the first candidate when a shape
+was not seen before.
 """
 from __future__ import annotations
 
