@@ -359,6 +359,46 @@ def test_greedy_flips_equal_the_slow_reference(seed):
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
 
 
+def _seed_code_flips(W, W_q, fmt, qp, mu, outliers, max_flips):
+    """Seed 001's awq_dh_xl.py flip step, restated loop by loop for evenly spaced int grids: the flips
+    that move the error towards 0, sorted by rounding cost |W/s + z − q| descending, the prefix that
+    leaves |error| least, then the first max_flips of it."""
+    scale, zero = fmt.per_weight(qp, W.shape[1])
+    W_q = W_q.clone().long()
+    for r in range(W.shape[0]):
+        frac = W[r] / scale[r] + zero[r] - W_q[r]
+        err = float(((W[r] - (W_q[r] - zero[r]) * scale[r]) * mu).sum())
+        direction = torch.where(frac >= 0, 1, -1)
+        impact = mu * direction * scale[r]
+        ok = [j for j in range(W.shape[1]) if not outliers[j] and 0 <= W_q[r, j] + direction[j] <= fmt.qmax
+              and float(impact[j]) != 0 and (float(impact[j]) > 0) == (err > 0)]
+        ok.sort(key=lambda j: -abs(float(frac[j])))
+        best_k, best, cum = 0, abs(err), 0.0
+        for k, j in enumerate(ok, 1):
+            cum += float(impact[j])
+            if abs(err - cum) < best:
+                best_k, best = k, abs(err - cum)
+        for j in ok[:min(best_k, max_flips)]:
+            W_q[r, j] += direction[j]
+    return W_q
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_dh_cost_order_is_seed_001s_code(sym):
+    torch.manual_seed(3)
+    fmt = IntFormat(bits=4, group_size=32, sym=sym)
+    W = torch.randn(24, 96, dtype=torch.float64) * 0.05
+    mu = torch.randn(96, dtype=torch.float64) * 0.3
+    outliers = torch.zeros(96, dtype=torch.bool)
+    outliers[[4, 50]] = True
+    qp = fmt.fit(W, 0.9)
+    W_q0 = fmt.quantize(W, qp)
+    for budget in (1, 3, 96):
+        ours, info = dh_round(W, W_q0, qp, fmt, mu, outliers, budget)
+        assert torch.equal(ours.long(), _seed_code_flips(W, W_q0, fmt, qp, mu, outliers, budget))
+        assert info["b_after"] < info["b_before"]
+
+
 def test_dh_flips_with_mse_cost_never_raise_the_rows_output_error():
     """flip_cost "mse": with inputs of mean μ and independent spreads var, each row's output error
     b² + Σ_j e_j² var_j (e = W_r − W) only falls, and fewer flips are taken than under the |b| rule."""
@@ -374,8 +414,8 @@ def test_dh_flips_with_mse_cost_never_raise_the_rows_output_error():
         E = fmt.dequantize(W_q, qp) - W
         return (E @ mu) ** 2 + E.square() @ var
 
-    W_q, info = dh_round(W, W_q0, qp, fmt, mu, none, 16, var)
-    plain, plain_info = dh_round(W, W_q0, qp, fmt, mu, none, 16)
+    W_q, info = dh_round(W, W_q0, qp, fmt, mu, none, 16, var, order="gain")
+    plain, plain_info = dh_round(W, W_q0, qp, fmt, mu, none, 16, order="gain")
     assert (row_error(W_q) <= row_error(W_q0) + 1e-9).all() and row_error(W_q).sum() < row_error(W_q0).sum()
     assert 0 < info["flips"] < plain_info["flips"]
     assert row_error(plain).sum() > row_error(W_q).sum()
@@ -427,7 +467,8 @@ def test_knee_threshold_marks_the_tail_and_handles_flat_curves():
     t = knee_threshold(m)
     assert (m > t).sum() <= 10 and (m > t)[-3:].all()
     assert knee_threshold(torch.ones(100)) == math.inf
-    assert knee_threshold(m, tolerance=1.0) == float(m.max())
+    assert knee_threshold(m, tolerance=-1.0) == float(m.max())  # the knee moved to the top: no outliers
+    assert (m > knee_threshold(m, tolerance=0.2)).sum() > 50  # 0.2 of the half further down
 
 
 

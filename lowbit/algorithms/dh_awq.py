@@ -1,12 +1,14 @@
 """Dynamic Heuristic AWQ: AWQ whose nearest rounding is corrected row by row.
 
 Each output channel's mean error b = μᵀ(W_r − W) (μ = E[x] of the input, in the scaled space)
-is shrunk greedily: one weight at a time moves to its other neighbouring grid point, the one
-whose move shrinks |b| most, until |b| stops shrinking or max_flip_percent · in_features weights
-of the row have moved. Each weight moves at most once. Input channels whose activation magnitude
-lies beyond the knee of its sorted curve (Kneedle) are outliers and never move: by default the
-magnitude is |E[x]|; `knee_on="rms"` takes √E[x²]. The rounding is the same in AWQ's α search
-and in the final codes.
+is shrunk greedily by moving weights to their other neighbouring grid point, each at most once,
+while |b| shrinks and at most max_flip_percent · in_features weights of the row have moved. As in
+seed 001's code, the flips that move b towards 0 are taken cheapest first: weights nearest the
+midpoint between their two grid points, whose flip adds the least squared error (`flip_order="gain"`:
+the flip that shrinks |b| most first). Input channels above the Kneedle knee of the first half of
+the descending sorted activation magnitudes are outliers and never move: by default the magnitude
+is |E[x]|; `knee_on="rms"` takes √E[x²]. The rounding is the same in AWQ's α search and in the
+final codes.
 """
 from __future__ import annotations
 
@@ -16,26 +18,32 @@ import warnings
 import numpy as np
 import torch
 
+from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from .awq import AWQ, InputStats
 
 
 # -- pure math ------------------------------------------------------------------------------------
 def knee_threshold(magnitude: torch.Tensor, tolerance: float = 0.0) -> float:
-    """The value at the knee of the ascending sorted `magnitude` [in] (Kneedle), moved up the curve
-    by tolerance · in places; channels above it are outliers. inf when the curve has no knee."""
+    """Seed 001's outlier threshold for `magnitude` [in]: sorted descending, the Kneedle knee of the
+    first half (where the few loud channels end and the bulk begins), moved tolerance · (in/2) places
+    further down the curve (a positive tolerance marks more channels). Channels strictly above the value
+    at the knee are outliers; inf (none) when that half is flat or has no knee."""
     from kneed import KneeLocator
 
-    y = np.sort(magnitude.detach().double().cpu().numpy())
+    y = np.sort(magnitude.detach().double().cpu().numpy())[::-1]
     n = len(y)
-    if n < 3 or not y[-1] > y[0]:
+    half = y[:n // 2]
+    if len(half) < 3:  # too few channels for a curve: seed 001 falls back to the top 5%
+        return float(y[int(0.05 * n)]) if n else math.inf
+    if not half[0] > half[-1]:
         return math.inf
     with warnings.catch_warnings():  # kneed warns when it finds no knee; that answer is handled below
         warnings.simplefilter("ignore")
-        knee = KneeLocator(np.arange(n), y, curve="convex", direction="increasing").knee
+        knee = KneeLocator(np.arange(len(half)), half, curve="convex", direction="decreasing").knee
     if knee is None:
         return math.inf
-    return float(y[min(int(knee) + int(tolerance * n), n - 1)])
+    return float(half[min(max(int(knee) + int(tolerance * len(half)), 0), len(half) - 1)])
 
 
 def flip_budget(in_features: int, max_flip_percent: float) -> int:
@@ -71,19 +79,48 @@ def greedy_flips(b: torch.Tensor, impact: torch.Tensor, allowed: torch.Tensor, b
     return flipped, b
 
 
+def cheapest_flips(b: torch.Tensor, impact: torch.Tensor, allowed: torch.Tensor, closeness: torch.Tensor,
+                   budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed 001's code's greedy rule, all rows at once: of the allowed flips that move b towards 0,
+    take them in order of `closeness` (the weight's distance from its grid point over the distance
+    to the other one: the nearer the midpoint, the less squared error the flip adds) while |b| shrinks,
+    at most `budget` per row.
+
+    Shapes: b [out], impact [out, in] (change of b per flip), allowed [out, in] bool, closeness
+    [out, in] -> flipped [out, in] bool, b after [out].
+    """
+    toward = allowed & (impact * b[:, None] < 0)
+    order = closeness.masked_fill(~toward, -math.inf).argsort(dim=1, descending=True, stable=True)
+    steps = (impact * toward).gather(1, order)
+    path = torch.cat([b[:, None], b[:, None] + steps[:, :budget].cumsum(dim=1)], dim=1)
+    # every step moves b the same way, so |b| along the path falls, then rises past 0: the first minimum is the best stop
+    take = path.abs().argmin(dim=1)
+    chosen = torch.arange(steps.shape[1], device=b.device)[None, :] < take[:, None]
+    flipped = torch.zeros_like(allowed).scatter_(1, order, chosen & toward.gather(1, order))
+    return flipped, path.gather(1, take[:, None]).squeeze(1)
+
+
 def dh_round(W: torch.Tensor, W_q: torch.Tensor, qp: QParams, fmt: Format, mu: torch.Tensor,
-             outliers: torch.Tensor, budget: int, var: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Heuristic rounding of codes W_q (nearest) for W.
+             outliers: torch.Tensor, budget: int, var: torch.Tensor | None = None,
+             order: str = "cost") -> tuple[torch.Tensor, dict]:
+    """Heuristic rounding of codes W_q (nearest) for W: flips in seed 001's order (`order="cost"`:
+    cheapest first, see cheapest_flips) or by gain (`"gain"`: the flip that shrinks |b| most first, see
+    greedy_flips).
 
     Shapes: W, W_q [out, in]; mu [in] (E[x] of the input W sees); outliers [in] bool; var [in]
     (Var[x]: a flip moving a weight by δ also adds δ²·Var[x] to the output's squared error, counted
-    when given) -> codes [out, in].
+    when given; gain order only) -> codes [out, in].
     """
     W_r = fmt.dequantize(W_q, qp)
     b = (W_r - W) @ mu
     codes, delta, valid = fmt.neighbour_codes(W, W_q, qp)
-    penalty = None if var is None else flip_variance(W_r - W, delta, var)
-    flipped, b_after = greedy_flips(b, delta * mu[None, :], valid & ~outliers[None, :], budget, penalty)
+    allowed, impact = valid & ~outliers[None, :], delta * mu[None, :]
+    if order == "cost":
+        closeness = (W_r - W).abs() / delta.abs().clamp_min(torch.finfo(delta.dtype).tiny)
+        flipped, b_after = cheapest_flips(b, impact, allowed, closeness, budget)
+    else:
+        penalty = None if var is None else flip_variance(W_r - W, delta, var)
+        flipped, b_after = greedy_flips(b, impact, allowed, budget, penalty)
     info = {"flips": int(flipped.sum()), "b_before": float(b.abs().mean()), "b_after": float(b_after.abs().mean())}
     return torch.where(flipped, codes, W_q), info
 
@@ -100,12 +137,15 @@ class DHAWQ(AWQ):
 
     name = "dh-awq"
     defaults = {**AWQ.defaults, "knee_tolerance": 0.0, "max_flip_percent": 0.01, "knee_on": "mean",
-                "flip_cost": "mean"}
+                "flip_order": "cost", "flip_cost": "mean"}
 
     def __init__(self, **options):
         super().__init__(**options)
         self.check_choice("knee_on", ("mean", "rms"))
+        self.check_choice("flip_order", ("cost", "gain"))
         self.check_choice("flip_cost", ("mean", "mse"))
+        if self.options["flip_cost"] == "mse" and self.options["flip_order"] != "gain":
+            raise LowbitError("--flip-cost mse weighs each flip by its gain: use it with --flip-order gain")
 
     def round(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, name: str,
               stats: dict | None = None) -> QuantizedTensor:
@@ -114,7 +154,8 @@ class DHAWQ(AWQ):
         outliers = magnitude > threshold
         budget = flip_budget(W.shape[1], self.options["max_flip_percent"])
         var = (X.sq - X.mean.square()).clamp_min(0) if self.options["flip_cost"] == "mse" else None
-        W_q, info = dh_round(W, qt.W_q, qt.qparams, qt.format, X.mean, outliers, budget, var)
+        W_q, info = dh_round(W, qt.W_q, qt.qparams, qt.format, X.mean, outliers, budget, var,
+                             self.options["flip_order"])
         if stats is not None:
             stats.update(knee=None if math.isinf(threshold) else threshold,
                          outlier_pct=100 * float(outliers.float().mean()), **info)
