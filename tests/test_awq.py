@@ -399,7 +399,8 @@ def test_dh_cost_order_is_seed_001s_code(sym):
         assert info["b_after"] < info["b_before"]
 
 
-def test_dh_flips_with_mse_cost_never_raise_the_rows_output_error():
+@pytest.mark.parametrize("order", ["cost", "gain"])
+def test_dh_flips_with_mse_cost_never_raise_the_rows_output_error(order):
     """flip_cost "mse": with inputs of mean μ and independent spreads var, each row's output error
     b² + Σ_j e_j² var_j (e = W_r − W) only falls, and fewer flips are taken than under the |b| rule."""
     torch.manual_seed(1)
@@ -414,8 +415,8 @@ def test_dh_flips_with_mse_cost_never_raise_the_rows_output_error():
         E = fmt.dequantize(W_q, qp) - W
         return (E @ mu) ** 2 + E.square() @ var
 
-    W_q, info = dh_round(W, W_q0, qp, fmt, mu, none, 16, var, order="gain")
-    plain, plain_info = dh_round(W, W_q0, qp, fmt, mu, none, 16, order="gain")
+    W_q, info = dh_round(W, W_q0, qp, fmt, mu, none, 16, var, order=order)
+    plain, plain_info = dh_round(W, W_q0, qp, fmt, mu, none, 16, order=order)
     assert (row_error(W_q) <= row_error(W_q0) + 1e-9).all() and row_error(W_q).sum() < row_error(W_q0).sum()
     assert 0 < info["flips"] < plain_info["flips"]
     assert row_error(plain).sum() > row_error(W_q).sum()

@@ -18,7 +18,6 @@ import warnings
 import numpy as np
 import torch
 
-from ..errors import LowbitError
 from ..formats import Format, QParams, QuantizedTensor
 from .awq import AWQ, InputStats
 
@@ -80,23 +79,27 @@ def greedy_flips(b: torch.Tensor, impact: torch.Tensor, allowed: torch.Tensor, b
 
 
 def cheapest_flips(b: torch.Tensor, impact: torch.Tensor, allowed: torch.Tensor, closeness: torch.Tensor,
-                   budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   budget: int, penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Seed 001's code's greedy rule, all rows at once: of the allowed flips that move b towards 0,
     take them in order of `closeness` (the weight's distance from its grid point over the distance
-    to the other one: the nearer the midpoint, the less squared error the flip adds) while |b| shrinks,
-    at most `budget` per row.
+    to the other one: the nearer the midpoint, the less squared error the flip adds), as many as leave
+    b² (+ the taken flips' `penalty`) smallest, at most `budget` per row. Without a penalty that is
+    "while |b| shrinks": every step moves b the same way, so |b| falls, then rises past 0.
 
     Shapes: b [out], impact [out, in] (change of b per flip), allowed [out, in] bool, closeness
-    [out, in] -> flipped [out, in] bool, b after [out].
+    [out, in], penalty [out, in] (squared error a flip adds besides b's) -> flipped [out, in] bool,
+    b after [out].
     """
     toward = allowed & (impact * b[:, None] < 0)
-    order = closeness.masked_fill(~toward, -math.inf).argsort(dim=1, descending=True, stable=True)
-    steps = (impact * toward).gather(1, order)
-    path = torch.cat([b[:, None], b[:, None] + steps[:, :budget].cumsum(dim=1)], dim=1)
-    # every step moves b the same way, so |b| along the path falls, then rises past 0: the first minimum is the best stop
-    take = path.abs().argmin(dim=1)
-    chosen = torch.arange(steps.shape[1], device=b.device)[None, :] < take[:, None]
-    flipped = torch.zeros_like(allowed).scatter_(1, order, chosen & toward.gather(1, order))
+    order = closeness.masked_fill(~toward, -math.inf).argsort(dim=1, descending=True, stable=True)[:, :budget]
+    usable = toward.gather(1, order)
+    path = torch.cat([b[:, None], b[:, None] + (impact.gather(1, order) * usable).cumsum(dim=1)], dim=1)
+    cost = path.square()
+    if penalty is not None:
+        cost[:, 1:] += (penalty.gather(1, order) * usable).cumsum(dim=1)
+    take = cost.argmin(dim=1)  # the first minimum: no flip that changes nothing
+    chosen = torch.arange(order.shape[1], device=b.device)[None, :] < take[:, None]
+    flipped = torch.zeros_like(allowed).scatter_(1, order, chosen & usable)
     return flipped, path.gather(1, take[:, None]).squeeze(1)
 
 
@@ -109,17 +112,17 @@ def dh_round(W: torch.Tensor, W_q: torch.Tensor, qp: QParams, fmt: Format, mu: t
 
     Shapes: W, W_q [out, in]; mu [in] (E[x] of the input W sees); outliers [in] bool; var [in]
     (Var[x]: a flip moving a weight by δ also adds δ²·Var[x] to the output's squared error, counted
-    when given; gain order only) -> codes [out, in].
+    when given) -> codes [out, in].
     """
     W_r = fmt.dequantize(W_q, qp)
     b = (W_r - W) @ mu
     codes, delta, valid = fmt.neighbour_codes(W, W_q, qp)
     allowed, impact = valid & ~outliers[None, :], delta * mu[None, :]
+    penalty = None if var is None else flip_variance(W_r - W, delta, var)
     if order == "cost":
         closeness = (W_r - W).abs() / delta.abs().clamp_min(torch.finfo(delta.dtype).tiny)
-        flipped, b_after = cheapest_flips(b, impact, allowed, closeness, budget)
+        flipped, b_after = cheapest_flips(b, impact, allowed, closeness, budget, penalty)
     else:
-        penalty = None if var is None else flip_variance(W_r - W, delta, var)
         flipped, b_after = greedy_flips(b, impact, allowed, budget, penalty)
     info = {"flips": int(flipped.sum()), "b_before": float(b.abs().mean()), "b_after": float(b_after.abs().mean())}
     return torch.where(flipped, codes, W_q), info
@@ -144,8 +147,6 @@ class DHAWQ(AWQ):
         self.check_choice("knee_on", ("mean", "rms"))
         self.check_choice("flip_order", ("cost", "gain"))
         self.check_choice("flip_cost", ("mean", "mse"))
-        if self.options["flip_cost"] == "mse" and self.options["flip_order"] != "gain":
-            raise LowbitError("--flip-cost mse weighs each flip by its gain: use it with --flip-order gain")
 
     def round(self, W: torch.Tensor, qt: QuantizedTensor, X: InputStats, name: str,
               stats: dict | None = None) -> QuantizedTensor:
