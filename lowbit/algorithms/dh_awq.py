@@ -5,7 +5,8 @@ is shrunk greedily by moving weights to their other neighbouring grid point, eac
 while |b| shrinks and at most max_flip_percent · in_features weights of the row have moved. As in
 seed 001's code, the flips that move b towards 0 are taken cheapest first: weights nearest the
 midpoint between their two grid points, whose flip adds the least squared error (`flip_order="gain"`:
-the flip that shrinks |b| most first). Input channels above the Kneedle knee of the first half of
+the flip that shrinks |b| most first; `flip_cost="mse"`: stop where b² plus the squared error the
+flips add through Var[x] is least). Input channels above the Kneedle knee of the first half of
 the descending sorted activation magnitudes are outliers and never move: by default the magnitude
 is |E[x]|; `knee_on="rms"` takes √E[x²]. The rounding is the same in AWQ's α search and in the
 final codes.
