@@ -3,8 +3,8 @@
 A Triton kernel that only streams the bytes lowbit's W4 kernel reads for (N, K) (codes + one packed
 scale/zero word per group and row) and sums them, timed exactly as bench/kernel.py times the W4 kernel
 (DRAM-cold weight copies, back to back in one CUDA graph), over a grid of launch shapes; beside it
-cuBLAS fp16 at batch 1 and lowbit's own W4 kernel, same run. cuBLAS time / best read time is the
-largest speedup over cuBLAS that any W4 kernel reading these bytes could show under this timing.
+cuBLAS fp16 at batch 1, same run. cuBLAS time / best read time is the largest speedup over cuBLAS
+that any W4 kernel reading these bytes could show under this timing (lowbit's own kernel: bench/kernel.py).
 
     python bench/dev/read_floor.py [--shape 8192x8192] [--group-size 128]
 """

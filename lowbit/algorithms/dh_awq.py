@@ -115,13 +115,13 @@ def dh_round(W: torch.Tensor, W_q: torch.Tensor, qp: QParams, fmt: Format, mu: t
     (Var[x]: a flip moving a weight by δ also adds δ²·Var[x] to the output's squared error, counted
     when given) -> codes [out, in].
     """
-    W_r = fmt.dequantize(W_q, qp)
-    b = (W_r - W) @ mu
+    E = fmt.dequantize(W_q, qp) - W
+    b = E @ mu
     codes, delta, valid = fmt.neighbour_codes(W, W_q, qp)
     allowed, impact = valid & ~outliers[None, :], delta * mu[None, :]
-    penalty = None if var is None else flip_variance(W_r - W, delta, var)
+    penalty = None if var is None else flip_variance(E, delta, var)
     if order == "cost":
-        closeness = (W_r - W).abs() / delta.abs().clamp_min(torch.finfo(delta.dtype).tiny)
+        closeness = E.abs() / delta.abs().clamp_min(torch.finfo(delta.dtype).tiny)
         flipped, b_after = cheapest_flips(b, impact, allowed, closeness, budget, penalty)
     else:
         flipped, b_after = greedy_flips(b, impact, allowed, budget, penalty)
