@@ -82,7 +82,8 @@ def quantize(cfg: QuantizeConfig, overwrite: bool = False, resume: bool = False,
     _main_first(dist, prepare)
 
     timings: dict[str, float] = {}
-    with disk_full_as_error(partial), torch.inference_mode():
+    # no_grad, not inference_mode: a method may tune parameters by gradient (awq-joint's refine)
+    with disk_full_as_error(partial), torch.no_grad():
         t = time.perf_counter()
         batches, split, calib_info = _calibration_batches(model, method, cfg, dist)
         timings["calibration_s"] = time.perf_counter() - t
@@ -294,10 +295,14 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batch
     """Quantize the selected layers in order, `layer_batch_size` layers resident at a time.
 
     Calibration activations are pushed through every layer up to the last one that needs them
-    (through all layers when lm_head is quantized with activations).
+    (through all layers when lm_head is quantized with activations); beside them the float model's
+    own, where the method asks for them (`Method.wants_float_stream`).
     """
     selected = set(layer_ids)
     stop = model.num_layers if (cfg.quantize_lm_head and batches) else max(layer_ids) + 1
+    float_stream = bool(batches) and method.wants_float_stream()
+    for b in batches if float_stream else ():
+        b.reference = b.hidden
     bar = tqdm(total=len(layer_ids), desc=f"{cfg.method} layers", unit="layer", disable=not progress)
     writer = _PlanWriter(background=model.device.type == "cuda")
     try:
@@ -307,6 +312,8 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batch
                 model.materialize(model.layer_path(i))
             for i in chunk:
                 narrow = None
+                for b in batches if float_stream else ():  # before the layer's weights are replaced
+                    b.target = _checked(model.run_layer(i, Batch(b.reference, b.layer_kwargs)), f"layer {i} float output")
                 if i in selected:
                     narrow = _quantize_one_layer(model, method, fmt, batches, split, i, layers_dir, writer)
                     bar.update(1)
@@ -314,6 +321,8 @@ def _quantize_layers(model: StreamedModel, method: Method, fmt: FormatMap, batch
                     run = _layer_forward(model, i, batches, split, narrow)
                     for b in batches:
                         b.hidden = _checked(run(b), f"layer {i} output")
+                for b in batches if float_stream else ():
+                    b.reference, b.target = b.target, None
                 model.release(model.layer_path(i))
                 _return_free_heap()
     finally:

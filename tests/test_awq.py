@@ -15,6 +15,9 @@ from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, cli
                                    row_gain, search_dtype, single_linear, unfoldable)
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
+from lowbit.algorithms.signround import GridTuner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lowbit.formats.base import Format
 from lowbit.formats import QuantizedTensor
 from lowbit.formats.int import IntFormat
@@ -509,6 +512,102 @@ def test_cd_rounding_with_identity_hessian_is_rtn_and_never_raises_the_loss():
     one, moved = cd_round(W, W_q, qp, FMT, H, sweeps=1)
     two, _ = cd_round(W, W_q, qp, FMT, H, sweeps=3)
     assert moved > 0 and loss(two) <= loss(one) < loss(W_q)
+
+
+# -- signed-gradient refinement (awq-joint) ------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 5), groups=st.integers(1, 3), group_size=st.sampled_from([8, 32]),
+       bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), clip=st.sampled_from([0.6, 0.9, 1.0]),
+       seed=st.integers(0, 2 ** 16))
+def test_tuner_starts_on_the_codes_and_grid_it_is_given(rows, groups, group_size, bits, sym, clip, seed):
+    """Clipped weights, and codes flipped to the other neighbour (as cd / DH rounding leave them),
+    included: the tuner's start is the given QuantizedTensor, in codes, zeros, scales and weights."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = IntFormat(bits=bits, group_size=group_size, sym=sym)
+    W = torch.randn(rows, groups * group_size, generator=g) * torch.rand(rows, 1, generator=g).add(0.1)
+    qt = fmt.encode(W, clip)
+    other, _, valid = fmt.neighbour_codes(W, qt.W_q, qt.qparams)
+    flip = valid & (torch.rand(W.shape, generator=g) < 0.3)
+    qt = QuantizedTensor(torch.where(flip, other, qt.W_q), qt.qparams, fmt)
+    tuner = GridTuner(W, qt)
+    start = tuner.quantized()
+    assert torch.equal(start.W_q, qt.W_q) and torch.equal(start.qparams.zero, qt.qparams.zero)
+    torch.testing.assert_close(start.qparams.scale, qt.qparams.scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(tuner.weight().detach(), qt.dequantize(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_tuner_gradients_are_the_straight_through_chain_rule(sym):
+    """The one-pass backward of the tuned weight equals autograd through the same chain written
+    out (rounding straight through where it is not held by a bound), V, a and b alike."""
+    torch.manual_seed(0)
+    fmt = IntFormat(bits=3, group_size=16, sym=sym)
+    W = torch.randn(6, 48)
+    tuner = GridTuner(W, fmt.encode(W, 0.8))
+    with torch.no_grad():  # off the start, so bounds, clipped weights and zero shifts all occur
+        tuner.V.uniform_(-1, 1)
+        tuner.a.uniform_(0.7, 1.3)
+        tuner.b.uniform_(0.7, 1.3)
+    G = torch.randn(6, 48)
+    fast = torch.autograd.grad((tuner.weight() * G).sum(), tuner.parameters())
+
+    scale, zero = tuner.grid()
+    q = fmt.grouped(W) / scale[..., None] + zero[..., None]
+    r = q + tuner.V
+    r = r + (r.round() - r).detach()
+    low = q.detach().floor()
+    bounded = torch.minimum(torch.maximum(r.detach(), low), low + 1).clamp(0, fmt.qmax)
+    c = torch.where(bounded == r.detach(), r, bounded)
+    slow = torch.autograd.grad((((c - zero[..., None]) * scale[..., None]).reshape(6, 48) * G).sum(),
+                               tuner.parameters())
+    for f, s_ in zip(fast, slow):
+        torch.testing.assert_close(f, s_, rtol=1e-4, atol=1e-5)
+    assert all(float(g.abs().sum()) > 0 for g in fast)
+
+
+def _refined(layer, **options):
+    return make_method("awq-joint", {"n_grid": 5, "search_dtype": "model", **options}).quantize_layer(layer, FMT)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_refine_lowers_the_layer_output_error_it_reports(family, tiny_models):
+    """The MSEs refine reports are the layer's real output errors (its forward with replaced
+    parameters is the layer's own), and what it keeps lowers them: on every family."""
+    model, per_layer = _streamed(tiny_models[family], n_batches=2, seq=32)
+    layer = _layer(model, per_layer)
+    plain = _layer_mse(layer, per_layer, 0, _refined(layer, refine_steps=0))
+    layer = _layer(model, per_layer)
+    tuned = _refined(layer, refine_steps=60)
+    info = tuned.stats["refine"]
+    assert info["mse_before"] == pytest.approx(plain, rel=1e-3)
+    assert info["kept"] and info["mse_after"] < info["mse_before"] and info["codes_changed_pct"] > 0
+    assert _layer_mse(layer, per_layer, 0, tuned) == pytest.approx(info["mse_after"], rel=1e-3)
+
+
+def test_refine_aims_at_the_float_models_stream(tiny_llama, calib_text, tmp_path):
+    """--refine-target float: layer 0's target is what `layer` gives (both streams start at the
+    embeddings); from layer 1 on it is the float model's own activations, which the quantized
+    stream no longer equals."""
+    stats = {}
+    for target in ("float", "layer"):
+        out = lowbit.quantize(tiny_llama, tmp_path / target, method="awq-joint", group_size=32, n_calib=4, seq_len=32,
+                              calib_dataset=calib_text, export_format="fake", progress=False, n_grid=5,
+                              refine_steps=20, refine_target=target)
+        stats[target] = json.loads((out / "lowbit.json").read_text())["layer_stats"]
+    first, second = (stats["float"][k]["refine"]["mse_before"] / stats["layer"][k]["refine"]["mse_before"]
+                     for k in ("00000", "00001"))
+    assert first == pytest.approx(1, rel=1e-6) and second > 1.01
+
+
+def test_refine_keeps_the_searched_codes_when_tuning_ends_worse(tiny_models):
+    model, per_layer = _streamed(tiny_models["llama"], n_batches=2, seq=32)
+    plain = _refined(_layer(model, per_layer), refine_steps=0)
+    wild = _refined(_layer(model, per_layer), refine_steps=3, refine_lr=3.0)  # steps far past any bin
+    assert not wild.stats["refine"]["kept"] and wild.stats["refine"]["mse_after"] > wild.stats["refine"]["mse_before"]
+    for n, qt in plain.quantized.items():
+        assert torch.equal(qt.W_q, wild.quantized[n].W_q) and torch.equal(qt.qparams.scale, wild.quantized[n].qparams.scale)
+    with pytest.raises(LowbitError, match="--refine-steps"):
+        make_method("awq-joint", {"refine_steps": -1})
 
 
 # -- every method, every family -----------------------------------------------------------------------------

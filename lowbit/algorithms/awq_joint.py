@@ -10,6 +10,13 @@ Per balance group:
     tokens) and keep the best, so no group ends worse than RTN on it.
 Linears outside any group, and those whose rows a later group rescales, get the same clipping and
 rounding at the end.
+Per decoder layer, last ("refine", `--refine-steps`, 0 = off): every linear's codes and group
+ranges on an integer grid, started where the steps above left them, are tuned together by signed
+gradient steps on the MSE of the whole layer's output (SignRound's optimizer; `signround.py`),
+against the float model's output for that layer (`--refine-target float`: the unquantized model's
+own activations, which the pipeline then carries beside the quantized ones, so a layer also makes
+up for the error of those before it) or the float layer's on the quantized inputs (`layer`).
+The tuned codes are kept only where they end with the lower MSE over all calibration batches.
 
 Rounding ("cd"): coordinate descent on the layer-output error tr(ΔW H ΔWᵀ), H = E[x xᵀ], with the
 grid fixed. Starting from nearest rounding, each step considers, for one column and all rows at
@@ -30,7 +37,9 @@ from ..formats.map import Formats, per_linear
 from ..model.arch import BalanceGroup
 from ..model.layer import LayerData
 from .awq import (AWQ, InputStats, LayerPlan, awq_scales, block_objective, clip_ratios, clip_search, clippable,
-                  group_weight_mean, one_cpu_thread)
+                  group_weight_mean, one_cpu_thread, search_dtype)
+from .base import LayerResult
+from .signround import GridTuner, sign_descent, tunable
 
 
 # -- pure math ------------------------------------------------------------------------------------
@@ -87,16 +96,18 @@ def _sweep(E: torch.Tensor, step: torch.Tensor, flipped: torch.Tensor, H: torch.
 
 # -- the method ------------------------------------------------------------------------------------
 class AWQJoint(AWQ):
-    """Joint (α, clip) search, coordinate-descent rounding, block-objective selection with an RTN guard.
+    """Joint (α, clip) search, coordinate-descent rounding, block-objective selection with an RTN guard,
+    then signed-gradient tuning of codes and ranges on the layer output.
 
     Options (beyond AWQ's): hessian_tokens for the moments and H (0 = all), search_tokens for the
     block forward passes, top_k screened α refined, screen_rows sampled per linear while screening,
-    cd_sweeps, damp (H + damp·mean(diag H)·I), rounding "cd" or "nearest".
+    cd_sweeps, damp (H + damp·mean(diag H)·I), rounding "cd" or "nearest"; refine_steps (one
+    calibration batch a step), refine_lr (0: 1 / refine_steps, SignRound's), refine_target.
     """
 
     name = "awq-joint"
     defaults = {**AWQ.defaults, "search_tokens": 4096, "hessian_tokens": 16384, "top_k": 2, "screen_rows": 256,
-                "cd_sweeps": 2, "damp": 0.01, "rounding": "cd"}
+                "cd_sweeps": 2, "damp": 0.01, "rounding": "cd", "refine_steps": 100, "refine_lr": 0.0, "refine_target": "float"}
     full_hessian = True  # coordinate-descent rounding reads all of H
 
     def __init__(self, **options):
@@ -104,6 +115,67 @@ class AWQJoint(AWQ):
         self.check_choice("rounding", ("cd", "nearest"))
         if self.options["top_k"] < 1 or self.options["screen_rows"] < 1:
             raise LowbitError("--top-k and --screen-rows must be ≥ 1")
+        if self.options["refine_steps"] < 0 or self.options["refine_lr"] < 0:
+            raise LowbitError("--refine-steps and --refine-lr must be ≥ 0 (--refine-lr 0: 1 / steps)")
+        self.check_choice("refine_target", ("float", "layer"))
+
+    def wants_float_stream(self) -> bool:
+        return self.options["refine_steps"] > 0 and self.options["refine_target"] == "float"
+
+    def quantize_layer(self, layer: LayerData, fmt: Formats) -> LayerResult:
+        """AWQ's plan and this method's codes, then (decoder layers with calibration) the codes and
+        ranges tuned on the layer's output by `refine`."""
+        fmt = per_linear(fmt, layer.weights)
+        refine = self.options["refine_steps"] > 0 and layer.has_calibration and isinstance(layer.index, int)
+        targets = layer.float_outputs() if refine else None  # before anything is folded
+        plan = self.plan(layer, fmt)
+        layer.release_weights()
+        quantized, stats = self.encode(layer, plan, fmt)
+        if refine:
+            quantized, stats["refine"] = self.refine(layer, plan, quantized, targets, fmt)
+        return LayerResult(quantized, plan.state.updates, {"groups": plan.info, **stats})
+
+    def refine(self, layer: LayerData, plan: LayerPlan, quantized: dict[str, QuantizedTensor],
+               targets: list[torch.Tensor], fmt: Formats) -> tuple[dict[str, QuantizedTensor], dict]:
+        """Codes and ranges of every linear on an integer grid moved by `sign_descent` on the MSE of
+        the layer's output against the float layer's (step t on calibration batch t mod n); kept only
+        if that MSE ends lower over all batches."""
+        names = [n for n, qt in quantized.items() if tunable(qt)]
+        if not names:
+            return quantized, {"skipped": "no linear on an integer grid"}
+        tuners = {n: GridTuner(plan.state.weights[n], quantized[n]) for n in names}
+        fixed = {**plan.state.updates,
+                 **{f"{n}.weight": qt.dequantize() for n, qt in quantized.items() if n not in tuners}}
+        narrow = search_dtype(self.options["search_dtype"], layer, fmt)
+
+        def loss_at(j: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+            """Output MSE on local batch j with the tuned linears' weights."""
+            with torch.autocast(targets[j].device.type, dtype=narrow or torch.float32, enabled=narrow is not None):
+                out = layer.forward_with({**fixed, **{f"{n}.weight": W for n, W in weights.items()}}, j)
+            return (out - targets[j]).pow(2).mean()
+
+        def grads_at(t: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+            def local(j: int) -> list[torch.Tensor]:
+                with torch.enable_grad():
+                    return list(torch.autograd.grad(loss_at(j, {n: tu.weight() for n, tu in tuners.items()}), params))
+            return layer.on_owner(t % layer.n_batches, local)
+
+        def mse(qts: dict[str, QuantizedTensor]) -> float:
+            weights = {n: qt.dequantize() for n, qt in qts.items()}
+            per_batch = [layer.on_owner(j, lambda k: float(loss_at(k, weights))) for j in range(layer.n_batches)]
+            return sum(m * n for m, n in zip(per_batch, layer.batch_tokens)) / sum(layer.batch_tokens)
+
+        before = mse({n: quantized[n] for n in names})
+        steps = self.options["refine_steps"]
+        sign_descent(list(tuners.values()), grads_at, steps, self.options["refine_lr"] or 1 / steps)
+        tuned = {n: tu.quantized() for n, tu in tuners.items()}
+        after = mse(tuned)
+        changed = sum(int((tuned[n].W_q != quantized[n].W_q).sum()) for n in names)
+        rescaled = torch.cat([(tuned[n].qparams.scale / quantized[n].qparams.scale - 1).abs().flatten() for n in names])
+        info = {"mse_before": before, "mse_after": after, "kept": after < before,
+                "codes_changed_pct": 100 * changed / sum(quantized[n].W_q.numel() for n in names),
+                "scale_change_mean": float(rescaled.mean())}
+        return ({**quantized, **tuned} if after < before else quantized), info
 
     def hessian_tokens(self) -> int:
         return self.options["hessian_tokens"]

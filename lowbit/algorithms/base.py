@@ -52,6 +52,11 @@ class Method(ABC):
         """Quantize every linear in `layer` (a model.layer.LayerData) onto `fmt`'s grid: one Format
         for all, or {linear name: Format} (a GGUF preset; see formats/map.py's `per_linear`)."""
 
+    def wants_float_stream(self) -> bool:
+        """Whether layers should see the float model's outputs too (`LayerData.float_outputs`): the
+        pipeline then carries the unquantized model's activations beside the quantized ones."""
+        return False
+
     def propagation_dtype(self, layer, fmt: Formats) -> torch.dtype | None:
         """The dtype of the forward pass that hands the quantized layer's outputs to the next layer
         (None: the layer's own). A method whose own calibration forwards run narrower says so here,

@@ -375,6 +375,32 @@ class LayerData:
         mine = dict(zip(self.split.ids, outs))
         return [broadcast(self.dist, mine.get(j), self.dist.owner(j)) for j in range(self.n_batches)]
 
+    def on_owner(self, j: int, fn: Callable[[int], V]) -> V:
+        """fn(local index of calibration batch j), run by the process that holds batch j and shared with
+        all: work on one batch at a time that every process then continues from alike."""
+        if self.dist is None:
+            return fn(j)
+        mine = self.split.ids.index(j) if j in self.split.ids else None
+        return broadcast(self.dist, fn(mine) if mine is not None else None, self.dist.owner(j))
+
+    @torch.no_grad()
+    def float_outputs(self) -> list[torch.Tensor]:
+        """What the float model's layer outputs on this process's batches (float32): the pipeline's
+        float-stream targets where it carries them, else the layer as it is now on its own inputs."""
+        if all(b.target is not None for b in self.batches):
+            return [b.target.float() for b in self.batches]
+        return [self.forward_with({}, j) for j in range(len(self.batches))]
+
+    def forward_with(self, params: dict[str, torch.Tensor], j: int) -> torch.Tensor:
+        """The layer's output on this process's calibration batch j (float32), with the named parameters
+        ("mlp.down_proj.weight", "input_layernorm.weight", ...) replaced: differentiable in them, for
+        solvers that tune parameters by gradient. Replacements are cast to each parameter's dtype."""
+        own = dict(self.module.named_parameters())
+        cast = {n: t.to(own[n].dtype) for n, t in params.items()}
+        args, kwargs = self.block_inputs("")[j]
+        y = torch.func.functional_call(self.module, cast, args, kwargs)
+        return (y[0] if isinstance(y, tuple) else y).float()
+
     def release_weights(self) -> None:
         """Called by a method that from here on works only from its own copies of the weights and from
         statistics. If the layer is `disposable` (the pipeline's: it puts the quantized weights back),

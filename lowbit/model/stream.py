@@ -31,10 +31,14 @@ class Batch:
 
     Shapes: hidden [b, seq, hidden]; layer_kwargs[i] holds what the model passes layer i
     (attention mask, position embeddings, ...), shared between layers where the model shares it.
+    For a method that asks for the float model's stream (`Method.wants_float_stream`): `reference`
+    is the float model's input to the current layer and `target` the float layer's output on it.
     """
 
     hidden: torch.Tensor
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    reference: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 class _Recorder(nn.Module):
