@@ -138,8 +138,8 @@ class AWQJoint(AWQ):
     def refine(self, layer: LayerData, plan: LayerPlan, quantized: dict[str, QuantizedTensor],
                targets: list[torch.Tensor], fmt: Formats) -> tuple[dict[str, QuantizedTensor], dict]:
         """Codes and ranges of every linear on an integer grid moved by `sign_descent` on the MSE of
-        the layer's output against the float layer's (step t on calibration batch t mod n); kept only
-        if that MSE ends lower over all batches."""
+        the layer's output against `targets` (`LayerData.float_outputs`; step t on calibration batch
+        t mod n); kept only if that MSE ends lower over all batches."""
         names = [n for n, qt in quantized.items() if tunable(qt)]
         if not names:
             return quantized, {"skipped": "no linear on an integer grid"}

@@ -49,17 +49,13 @@ class GridTuner:
         self.W = f.grouped(W.float())
         self.scale0 = qt.qparams.scale.float()
         self.zero0 = qt.qparams.zero.float()
-        self.V = _offsets_reproducing(f.grouped(qt.W_q.float()), self._coordinate(self.scale0, self.zero0), f.qmax)
+        self.V = _offsets_reproducing(f.grouped(qt.W_q.float()), _position(self.W, self.scale0, self.zero0), f.qmax)
         self.V.requires_grad_(True)
         self.a = torch.ones_like(self.scale0, requires_grad=True)
         self.b = torch.ones_like(self.scale0, requires_grad=not f.sym)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.V, self.a] + ([] if self.format.sym else [self.b])
-
-    def _coordinate(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """W / scale + zero [out, groups, group_len]: each weight's position on the grid, in code units."""
-        return self.W / scale[..., None] + zero[..., None]
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The moved grid: scale, zero [out, groups] (zero integer-valued, straight-through)."""
@@ -90,6 +86,12 @@ class GridTuner:
         self.b.clamp_(*RANGE_BOUNDS)
 
 
+def _position(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """q = W / scale + zero [out, groups, group_len]: each weight's place on the grid, in code units
+    (scale, zero [out, groups])."""
+    return W / scale[..., None] + zero[..., None]
+
+
 def _codes(W: torch.Tensor, V: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes c = round(q + V), q = W / scale + zero, kept within q's two grid points and [0, qmax];
@@ -97,9 +99,9 @@ def _codes(W: torch.Tensor, V: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 
     Shapes: W, V [out, groups, group_len]; scale, zero [out, groups] -> c (float), through (bool) as W.
     """
-    q = W / scale[..., None] + zero[..., None]
+    q = _position(W, scale, zero)
+    r = (q + V).round_()
     low = q.floor_()  # in place: q itself is needed no further
-    r = (W / scale[..., None]).add_(zero[..., None]).add_(V).round_()
     c = torch.minimum(torch.maximum(r, low), low + 1).clamp_(0, qmax)
     return c, r == c
 
