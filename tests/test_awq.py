@@ -13,6 +13,7 @@ from lowbit.algorithms import make_method
 from lowbit.errors import LowbitError
 from lowbit.algorithms.awq import (AWQ, InputStats, ScaledLayer, awq_scales, clip_search, diagonal_blocks, fold,
                                    row_gain, search_dtype, single_linear, unfoldable)
+import lowbit.algorithms.awq as awq_module
 from lowbit.algorithms.awq_joint import cd_round, damped
 from lowbit.algorithms.dh_awq import dh_round, flip_budget, greedy_flips, knee_threshold
 from lowbit.algorithms.signround import GridTuner
@@ -723,11 +724,14 @@ def test_awq_searches_in_bfloat16_on_request(family, tiny_models):
         make_method("awq", {"search_dtype": "int8"})
 
 
-def test_auto_search_dtype_narrows_float32_layers_only(tiny_models):
-    """The default searches a float32 layer on a bf16 copy for a coarse grid, and as it is for an
-    8-bit grid or a 16-bit layer."""
+def test_auto_search_dtype_narrows_float32_layers_only(tiny_models, monkeypatch):
+    """The default searches a float32 layer on a bf16 copy for a coarse grid where the CPU runs bf16
+    fast, and as it is for an 8-bit grid, a 16-bit layer or a CPU without bf16 instructions."""
     model, per_layer = _streamed(tiny_models["llama"], n_batches=2, seq=32)
     layer = _layer(model, per_layer)
+    monkeypatch.setattr(awq_module, "fast_bf16", lambda device: False)
+    assert search_dtype("auto", layer, FMT) is None
+    monkeypatch.setattr(awq_module, "fast_bf16", lambda device: True)
     assert search_dtype("auto", layer, FMT) == torch.bfloat16 and search_dtype("model", layer, FMT) is None
     assert search_dtype("auto", layer, IntFormat(bits=8, group_size=32)) is None
     auto = make_method("awq", {"n_grid": 5}).quantize_layer(layer, FMT)
@@ -735,3 +739,10 @@ def test_auto_search_dtype_narrows_float32_layers_only(tiny_models):
     summary = lambda r: {g: (i["alpha"], i["loss"]) for g, i in r.stats["groups"].items()}  # noqa: E731
     assert summary(auto) == summary(bf16)
     assert search_dtype("auto", layer.narrowed(torch.bfloat16), FMT) is None
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, fast", [(False, False, False), (True, False, True), (False, True, True)])
+def test_fast_bf16_follows_the_cpus_bf16_instructions(monkeypatch, avx512_bf16, amx, fast):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert awq_module.fast_bf16(torch.device("cpu")) is fast
