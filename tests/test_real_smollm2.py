@@ -70,7 +70,7 @@ def test_gptq_bf16_hessians_need_no_extra_dampening(smollm2, tmp_path, monkeypat
     if exact_channels is not None:
         monkeypatch.setattr(gptq_mod, "EXACT_CHANNELS", exact_channels)
     out = lowbit.quantize(smollm2, tmp_path / "g", method="gptq", group_size=64, layers="0", n_calib=32,
-                          export_format="fake", progress=False)
+                          export_format="fake", progress=False, hessian_dtype="bfloat16")
     retried = json.loads((out / "lowbit.json").read_text())["layer_stats"]["00000"].get("damp", {})
     if exact_channels == 0:
         assert "self_attn.o_proj" in retried
