@@ -12,12 +12,11 @@ Linears outside any group, and those whose rows a later group rescales, get the 
 rounding at the end.
 Per decoder layer, last ("refine", `--refine-steps`, 0 = off): every linear's codes and group
 ranges on an integer grid, started where the steps above left them, are tuned together by signed
-gradient steps on the error of the whole layer's output (`--refine-loss`: its MSE, or each token's
-error relative to its size, `token_error`; SignRound's optimizer, `signround.py`),
+gradient steps on the MSE of the whole layer's output (SignRound's optimizer; `signround.py`),
 against the float model's output for that layer (`--refine-target float`: the unquantized model's
 own activations, which the pipeline then carries beside the quantized ones, so a layer also makes
 up for the error of those before it) or the float layer's on the quantized inputs (`layer`).
-The tuned codes are kept only where they end with the lower error over all calibration batches.
+The tuned codes are kept only where they end with the lower MSE over all calibration batches.
 
 Rounding ("cd"): coordinate descent on the layer-output error tr(ΔW H ΔWᵀ), H = E[x xᵀ], with the
 grid fixed. Starting from nearest rounding, each step considers, for one column and all rows at
@@ -95,25 +94,6 @@ def _sweep(E: torch.Tensor, step: torch.Tensor, flipped: torch.Tensor, H: torch.
         G += D @ H[b0:b1, :]
 
 
-def token_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of ‖out_t − target_t‖² / ‖target_t‖²: each token's error relative to its size,
-    as the next layer's RMSNorm sees it once it has divided each token by its RMS. A plain MSE weighs
-    tokens by their size: on Qwen2.5-0.5B, from layer 2 on, the first token of each window (an
-    attention sink, |h| up to ~1100 against ~6 elsewhere) holds 65-83% of the layer-output MSE.
-
-    Shapes: out, target [..., hidden] -> scalar.
-    """
-    return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-12)).mean()
-
-
-def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every element. Shapes: out, target [..., hidden] -> scalar."""
-    return (out - target).pow(2).mean()
-
-
-REFINE_LOSSES = {"mse": mse, "token": token_error}
-
-
 # -- the method ------------------------------------------------------------------------------------
 class AWQJoint(AWQ):
     """Joint (α, clip) search, coordinate-descent rounding, block-objective selection with an RTN guard,
@@ -122,14 +102,12 @@ class AWQJoint(AWQ):
     Options (beyond AWQ's): hessian_tokens for the moments and H (0 = all), search_tokens for the
     block forward passes, top_k screened α refined, screen_rows sampled per linear while screening,
     cd_sweeps, damp (H + damp·mean(diag H)·I), rounding "cd" or "nearest"; refine_steps (one
-    calibration batch a step), refine_lr (0: 1 / refine_steps, SignRound's), refine_target, refine_loss
-    (`REFINE_LOSSES`).
+    calibration batch a step), refine_lr (0: 1 / refine_steps, SignRound's), refine_target.
     """
 
     name = "awq-joint"
     defaults = {**AWQ.defaults, "search_tokens": 4096, "hessian_tokens": 16384, "top_k": 2, "screen_rows": 256,
-                "cd_sweeps": 2, "damp": 0.01, "rounding": "cd", "refine_steps": 100, "refine_lr": 0.0, "refine_target": "float",
-                "refine_loss": "mse"}
+                "cd_sweeps": 2, "damp": 0.01, "rounding": "cd", "refine_steps": 100, "refine_lr": 0.0, "refine_target": "float"}
     full_hessian = True  # coordinate-descent rounding reads all of H
 
     def __init__(self, **options):
@@ -140,7 +118,6 @@ class AWQJoint(AWQ):
         if self.options["refine_steps"] < 0 or self.options["refine_lr"] < 0:
             raise LowbitError("--refine-steps and --refine-lr must be ≥ 0 (--refine-lr 0: 1 / steps)")
         self.check_choice("refine_target", ("float", "layer"))
-        self.check_choice("refine_loss", REFINE_LOSSES)
 
     def wants_float_stream(self) -> bool:
         return self.options["refine_steps"] > 0 and self.options["refine_target"] == "float"
@@ -160,9 +137,9 @@ class AWQJoint(AWQ):
 
     def refine(self, layer: LayerData, plan: LayerPlan, quantized: dict[str, QuantizedTensor],
                targets: list[torch.Tensor], fmt: Formats) -> tuple[dict[str, QuantizedTensor], dict]:
-        """Codes and ranges of every linear on an integer grid moved by `sign_descent` on the error
-        (`refine_loss`) of the layer's output against `targets` (`LayerData.float_outputs`; step t on
-        calibration batch t mod n); kept only if that error ends lower over all batches."""
+        """Codes and ranges of every linear on an integer grid moved by `sign_descent` on the MSE of
+        the layer's output against `targets` (`LayerData.float_outputs`; step t on calibration batch
+        t mod n); kept only if that MSE ends lower over all batches."""
         names = [n for n, qt in quantized.items() if tunable(qt)]
         if not names:
             return quantized, {"skipped": "no linear on an integer grid"}
@@ -170,13 +147,12 @@ class AWQJoint(AWQ):
         fixed = {**plan.state.updates,
                  **{f"{n}.weight": qt.dequantize() for n, qt in quantized.items() if n not in tuners}}
         narrow = search_dtype(self.options["search_dtype"], layer, fmt)
-        loss_of = REFINE_LOSSES[self.options["refine_loss"]]
 
         def loss_at(j: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-            """Output error on local batch j with the tuned linears' weights."""
+            """Output MSE on local batch j with the tuned linears' weights."""
             with torch.autocast(targets[j].device.type, dtype=narrow or torch.float32, enabled=narrow is not None):
                 out = layer.forward_with({**fixed, **{f"{n}.weight": W for n, W in weights.items()}}, j)
-            return loss_of(out, targets[j])
+            return (out - targets[j]).pow(2).mean()
 
         def grads_at(t: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
             def local(j: int) -> list[torch.Tensor]:
@@ -184,19 +160,19 @@ class AWQJoint(AWQ):
                     return list(torch.autograd.grad(loss_at(j, {n: tu.weight() for n, tu in tuners.items()}), params))
             return layer.on_owner(t % layer.n_batches, local)
 
-        def error(qts: dict[str, QuantizedTensor]) -> float:
+        def mse(qts: dict[str, QuantizedTensor]) -> float:
             weights = {n: qt.dequantize() for n, qt in qts.items()}
             per_batch = [layer.on_owner(j, lambda k: float(loss_at(k, weights))) for j in range(layer.n_batches)]
             return sum(m * n for m, n in zip(per_batch, layer.batch_tokens)) / sum(layer.batch_tokens)
 
-        before = error({n: quantized[n] for n in names})
+        before = mse({n: quantized[n] for n in names})
         steps = self.options["refine_steps"]
         sign_descent(list(tuners.values()), grads_at, steps, self.options["refine_lr"] or 1 / steps)
         tuned = {n: tu.quantized() for n, tu in tuners.items()}
-        after = error(tuned)
+        after = mse(tuned)
         changed = sum(int((tuned[n].W_q != quantized[n].W_q).sum()) for n in names)
         rescaled = torch.cat([(tuned[n].qparams.scale / quantized[n].qparams.scale - 1).abs().flatten() for n in names])
-        info = {"error_before": before, "error_after": after, "kept": after < before,
+        info = {"mse_before": before, "mse_after": after, "kept": after < before,
                 "codes_changed_pct": 100 * changed / sum(quantized[n].W_q.numel() for n in names),
                 "scale_change_mean": float(rescaled.mean())}
         return ({**quantized, **tuned} if after < before else quantized), info
